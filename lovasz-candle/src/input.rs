@@ -1,0 +1,125 @@
+//! Input checks and host access: dtype and shape validation, labels copied to the host
+//! with void pixels marked, float tensors read as host slices (zero-copy on the CPU).
+
+use std::cell::Cell;
+
+use candle::{bail, DType, Device, Result, Storage, Tensor};
+
+/// Host label value marking a void (ignored) pixel.
+pub(crate) const VOID: u32 = u32::MAX;
+
+thread_local! {
+    static FORCE_HOST_COPY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Forces, on the current thread, the path that non-CPU devices take: inputs are copied to
+/// host memory instead of being read in place. Results must not change; this exists so that
+/// the device fallback can be tested on a machine without a GPU.
+#[doc(hidden)]
+pub fn force_host_copy(on: bool) {
+    FORCE_HOST_COPY.with(|f| f.set(on));
+}
+
+fn host_copy_forced() -> bool {
+    FORCE_HOST_COPY.with(|f| f.get())
+}
+
+/// Checks that `t` has a floating-point dtype and returns the dtype the loss is computed
+/// in: f32 for f16 / bf16 / f32, f64 for f64.
+pub(crate) fn compute_dtype(t: &Tensor, what: &str) -> Result<DType> {
+    match t.dtype() {
+        DType::F16 | DType::BF16 | DType::F32 => Ok(DType::F32),
+        DType::F64 => Ok(DType::F64),
+        dt => bail!("{what} must be f16, bf16, f32 or f64, got {dt:?}"),
+    }
+}
+
+/// Upcasts half-precision inputs to f32 (the gradient flows through the cast).
+pub(crate) fn upcast(t: &Tensor, what: &str) -> Result<Tensor> {
+    let dt = compute_dtype(t, what)?;
+    if t.dtype() == dt {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dt)
+    }
+}
+
+/// Fails on a tensor with no element.
+pub(crate) fn check_not_empty(t: &Tensor, what: &str) -> Result<()> {
+    if t.elem_count() == 0 {
+        bail!("empty input: {what} has shape {:?}", t.dims())
+    }
+    Ok(())
+}
+
+/// Calls `f` with the elements of the float tensor `t` (dtype `T`) in row-major order:
+/// borrowed from CPU storage when possible, else copied to the host.
+pub(crate) fn with_host_slice<T: candle::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
+    if t.device().is_cpu() && !host_copy_forced() {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return f(&cpu.as_slice::<T>()?[start..end]);
+        }
+    }
+    let host = t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<T>()?;
+    f(&host)
+}
+
+/// Labels copied to the host as u32, void pixels set to [`VOID`].
+pub(crate) struct HostLabels {
+    pub values: Vec<u32>,
+}
+
+impl HostLabels {
+    /// Reads `labels` (u8, u32, i16, i32 or i64), mapping `ignore_index` to [`VOID`] and
+    /// failing on any other value outside `[0, n_classes)`. `what` names the tensor in errors.
+    pub fn new(
+        labels: &Tensor,
+        n_classes: usize,
+        ignore_index: Option<u32>,
+        what: &str,
+    ) -> Result<Self> {
+        let labels = labels.to_device(&Device::Cpu)?.flatten_all()?;
+        let raw: Vec<i64> = match labels.dtype() {
+            DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64 => {
+                labels.to_dtype(DType::I64)?.to_vec1::<i64>()?
+            }
+            dt => bail!("{what} must have an integer dtype (u8, u32 or i64), got {dt:?}"),
+        };
+        let ignore = ignore_index.map(i64::from);
+        let mut values = Vec::with_capacity(raw.len());
+        for (i, &v) in raw.iter().enumerate() {
+            if Some(v) == ignore {
+                values.push(VOID);
+            } else if v < 0 || v >= n_classes as i64 {
+                let allowed = match ignore_index {
+                    Some(ig) => format!("[0, {n_classes}) or the ignore index {ig}"),
+                    None => format!("[0, {n_classes}) (no ignore index set)"),
+                };
+                bail!("{what}: label {v} at flat position {i} is out of range: expected {allowed}")
+            } else {
+                values.push(v as u32);
+            }
+        }
+        Ok(Self { values })
+    }
+}
+
+/// Checks that `labels` has the dims `expected` (what the prediction implies).
+pub(crate) fn check_label_dims(
+    labels: &Tensor,
+    expected: &[usize],
+    pred_name: &str,
+    pred_dims: &[usize],
+) -> Result<()> {
+    if labels.dims() != expected {
+        bail!(
+            "shape mismatch: labels have shape {:?}, but {pred_name} of shape {pred_dims:?} needs labels of shape {expected:?}",
+            labels.dims()
+        )
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The Jaccard gradient (Alg. 1 of Berman et al., CVPR 2018): the weights that the
+//! Lovász extension of the Jaccard loss gives to errors sorted in decreasing order.
+
+use candle::{bail, DType, Device, Result, Tensor};
+
+/// Running state of the Jaccard gradient over a sorted ground-truth vector.
+///
+/// With `G` foreground pixels in the group, after `k` sorted pixels of which `f` are
+/// foreground and `b = k - f` background, the Jaccard loss of the prefix set is
+/// `J_k = 1 - (G - f) / (G + b)` and the weight of pixel `k` is `J_k - J_(k-1)`. Counts are
+/// exact integers; the ratio is taken in f64.
+#[derive(Debug, Clone)]
+pub(crate) struct JaccardWalk {
+    gts: u64,
+    fg_seen: u64,
+    bg_seen: u64,
+    prev: f64,
+}
+
+impl JaccardWalk {
+    /// Starts a walk over a group with `gts` foreground pixels.
+    pub fn new(gts: u64) -> Self {
+        Self {
+            gts,
+            fg_seen: 0,
+            bg_seen: 0,
+            prev: 0.0,
+        }
+    }
+
+    /// Advances by one sorted pixel and returns its weight `J_k - J_(k-1)`.
+    #[inline]
+    pub fn step(&mut self, fg: bool) -> f64 {
+        if fg {
+            self.fg_seen += 1;
+        } else {
+            self.bg_seen += 1;
+        }
+        // G + b >= 1 here: either G >= 1, or this pixel or an earlier one is background.
+        let intersection = (self.gts - self.fg_seen) as f64;
+        let union = (self.gts + self.bg_seen) as f64;
+        let jaccard = 1.0 - intersection / union;
+        let g = jaccard - self.prev;
+        self.prev = jaccard;
+        g
+    }
+}
+
+/// The Jaccard gradient of a ground-truth vector sorted by decreasing error (the
+/// reference's `lovasz_grad`, Alg. 1 of the paper).
+///
+/// * `gt_sorted`: 1-D, values 0 or 1, any integer dtype (u8, u32, i64, ...) or f32 / f64.
+///
+/// Returns a 1-D tensor of the same length on the same device: f64 if `gt_sorted` is f64,
+/// else f32. An empty input gives an empty output.
+///
+/// ```
+/// # fn main() -> candle::Result<()> {
+/// use candle::{Device, Tensor};
+/// let gt = Tensor::new(&[1u32, 0, 1, 0], &Device::Cpu)?;
+/// let g = lovasz_candle::lovasz_grad(&gt)?.to_vec1::<f32>()?;
+/// // J = 1 - I/U over the prefixes: 0.5, 2/3, 2/3, 1
+/// assert!((g[0] - 0.5).abs() < 1e-6 && (g[3] - 1.0 / 3.0).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
+pub fn lovasz_grad(gt_sorted: &Tensor) -> Result<Tensor> {
+    if gt_sorted.rank() != 1 {
+        bail!(
+            "lovasz_grad expects a 1-D gt_sorted, got shape {:?}",
+            gt_sorted.dims()
+        )
+    }
+    let out_dtype = match gt_sorted.dtype() {
+        DType::F64 => DType::F64,
+        DType::F16 | DType::BF16 | DType::F32 => DType::F32,
+        DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64 => DType::F32,
+        dt => bail!("lovasz_grad: unsupported dtype {dt:?} for gt_sorted"),
+    };
+    let host: Vec<f64> = gt_sorted
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec1()?;
+    let mut fg = Vec::with_capacity(host.len());
+    for (i, &v) in host.iter().enumerate() {
+        if v == 1.0 {
+            fg.push(true);
+        } else if v == 0.0 {
+            fg.push(false);
+        } else {
+            bail!("lovasz_grad: gt_sorted must hold 0 or 1, got {v} at position {i}")
+        }
+    }
+    let gts = fg.iter().filter(|&&f| f).count() as u64;
+    let mut walk = JaccardWalk::new(gts);
+    let grad: Vec<f64> = fg.iter().map(|&f| walk.step(f)).collect();
+    Tensor::from_vec(grad, host.len(), gt_sorted.device())?.to_dtype(out_dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_sum_to_final_jaccard() {
+        // The weights telescope: their sum is J of the full set, 1 when G > 0 or n > 0.
+        let fg = [true, false, false, true, true, false];
+        let mut walk = JaccardWalk::new(3);
+        let total: f64 = fg.iter().map(|&f| walk.step(f)).sum();
+        assert!((total - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn no_foreground_puts_all_weight_first() {
+        let mut walk = JaccardWalk::new(0);
+        assert_eq!(walk.step(false), 1.0);
+        assert_eq!(walk.step(false), 0.0);
+    }
+
+    #[test]
+    fn rejects_non_binary_and_bad_rank() {
+        let dev = Device::Cpu;
+        let err = lovasz_grad(&Tensor::new(&[0u32, 2], &dev).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("0 or 1"), "{err}");
+        let err = lovasz_grad(&Tensor::zeros((2, 2), DType::U32, &dev).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("1-D"), "{err}");
+    }
+}

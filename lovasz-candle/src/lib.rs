@@ -1,0 +1,82 @@
+//! Lovász-Softmax and Lovász hinge losses for [candle](https://github.com/huggingface/candle).
+//!
+//! These losses optimise the intersection-over-union (Jaccard index) directly: they are the
+//! Lovász extension of the Jaccard loss, a convex surrogate that is exact on binary
+//! predictions (M. Berman, A. Rannen Triki, M. B. Blaschko, *The Lovász-Softmax loss: A
+//! tractable surrogate for the optimization of the intersection-over-union measure in
+//! neural networks*, CVPR 2018). The numbers are those of the authors' reference
+//! implementation, checked against fixtures computed with it.
+//!
+//! | loss | input | reference |
+//! |---|---|---|
+//! | [`lovasz_softmax`] | class probabilities `[B, C, *]`, labels `[B, *]` | `lovasz_softmax` |
+//! | [`lovasz_softmax_with_logits`] | logits `[B, C, *]` | softmax + `lovasz_softmax` |
+//! | [`lovasz_hinge`] | binary logits `[B, *]`, labels 0/1 | `lovasz_hinge` |
+//! | [`lovasz_sigmoid`] | foreground probabilities `[B, *]` | `lovasz_softmax(.., classes=[1])` |
+//! | [`lovasz_hinge_multilabel`] | logits `[B, C, *]`, labels `[B, C, *]` 0/1 | per-channel hinge |
+//! | [`binary_xloss`], [`cross_entropy`] | logits | `binary_xloss`, `F.cross_entropy` |
+//!
+//! # How the Jaccard gradient is held constant
+//!
+//! For each class and group of pixels, the loss sorts the errors in decreasing order and
+//! dots them with the Jaccard gradient `g` of the sorted ground truth ([`lovasz_grad`],
+//! Alg. 1 of the paper). The reference treats `g` as a constant: in PyTorch it is built
+//! from `.detach()`ed data (the old `Variable(data)`), in TensorFlow it would sit behind
+//! `tf.stop_gradient`. This crate does the same with weights built outside the graph (as
+//! [`candle::Tensor::detach`] would): a weight tensor `W`, one value per pixel and class
+//! with every class mean, class weight and image mean folded in, is computed on the host
+//! by a parallel sort, and the loss is `Σ W ⊙ errors`. Gradients therefore flow only
+//! through the errors, exactly as in the reference; [`lovasz_softmax_weights`] returns `W`.
+//!
+//! # Devices and precision
+//!
+//! `W` needs a sort of every class's errors; it is computed on the CPU (rayon over
+//! (group, class) jobs, an O(P log P) sort per job, exact integer prefix counts). On CUDA
+//! or Metal the inputs are copied to the host for that step and the result copied back;
+//! the loss expression itself, and its backward pass, run on the input's device. Inputs
+//! may be f16, bf16, f32 or f64: half-precision inputs are upcast to f32 (the loss is
+//! returned in f32), f64 stays f64.
+//!
+//! # Example
+//!
+//! ```
+//! # fn main() -> candle::Result<()> {
+//! use candle::{DType, Device, Tensor, Var};
+//! use lovasz_candle::{lovasz_softmax_with_logits, Classes, LovaszSoftmaxConfig};
+//!
+//! let dev = Device::Cpu;
+//! // A batch of 2 images, 3 classes, 8×8 pixels; 255 marks void pixels.
+//! let logits = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 8, 8), &dev)?)?;
+//! let labels = Tensor::ones((2, 8, 8), DType::U32, &dev)?;
+//! let cfg = LovaszSoftmaxConfig {
+//!     classes: Classes::Present,
+//!     per_image: true,
+//!     ignore_index: Some(255),
+//!     ..Default::default()
+//! };
+//! let loss = lovasz_softmax_with_logits(logits.as_tensor(), &labels, &cfg)?;
+//! let grads = loss.backward()?;
+//! let g = grads.get(&logits).expect("gradient of the logits");
+//! assert_eq!(g.dims(), &[2, 3, 8, 8]);
+//! # Ok(()) }
+//! ```
+
+mod bce;
+mod binary;
+mod config;
+mod cross_entropy;
+mod extension;
+mod input;
+mod jaccard;
+pub mod metrics;
+mod softmax;
+mod weights;
+
+pub use bce::binary_xloss;
+pub use binary::{lovasz_hinge, lovasz_hinge_multilabel, lovasz_hinge_weights, lovasz_sigmoid};
+pub use config::{Classes, LovaszHingeConfig, LovaszSigmoidConfig, LovaszSoftmaxConfig, Reduction};
+pub use cross_entropy::{cross_entropy, CrossEntropyConfig};
+#[doc(hidden)]
+pub use input::force_host_copy;
+pub use jaccard::lovasz_grad;
+pub use softmax::{lovasz_softmax, lovasz_softmax_weights, lovasz_softmax_with_logits};

@@ -1,0 +1,137 @@
+//! Multiclass Lovász-Softmax (Berman et al., CVPR 2018, Sec. 3.2, Eq. 12).
+
+use candle::{bail, Result, Tensor};
+
+use crate::config::{Classes, LovaszSoftmaxConfig};
+use crate::extension::Prepared;
+use crate::input::{check_label_dims, check_not_empty, upcast, HostLabels};
+use crate::weights::{ClassEntry, ErrorKind, Selection};
+
+/// Lovász-Softmax loss: the Lovász extension of the Jaccard loss of each class applied to
+/// the errors `|1[y = c] - p_c|`, averaged over classes (and over images if `per_image`).
+///
+/// * `probas`: `[B, C, *spatial]` class probabilities (e.g. a softmax over dim 1), f16,
+///   bf16, f32 or f64; any number of spatial dims, including none (`[B, C]`).
+/// * `labels`: `[B, *spatial]` class indices, u8, u32 or i64, each in `[0, C)` or equal
+///   to `cfg.ignore_index`.
+///
+/// Returns a scalar (or `[B]` / `[1]` with [`Reduction::None`](crate::Reduction::None)),
+/// f64 for f64 input and f32 otherwise (half-precision inputs are upcast before the
+/// errors are summed). Differentiable with respect to `probas`; the Jaccard gradient is
+/// held constant, as in the reference. A group with no valid pixel or no counted class
+/// contributes 0. NaN anywhere in `probas` gives a NaN loss.
+///
+/// ```
+/// # fn main() -> candle::Result<()> {
+/// use candle::{Device, Tensor};
+/// use lovasz_candle::{lovasz_softmax, LovaszSoftmaxConfig};
+/// let dev = Device::Cpu;
+/// let logits = Tensor::randn(0f32, 1., (2, 3, 4, 4), &dev)?;
+/// let probas = candle_nn::ops::softmax(&logits, 1)?;
+/// let labels = Tensor::zeros((2, 4, 4), candle::DType::U32, &dev)?;
+/// let loss = lovasz_softmax(&probas, &labels, &LovaszSoftmaxConfig::default())?;
+/// assert_eq!(loss.dims(), &[] as &[usize]);
+/// # Ok(()) }
+/// ```
+pub fn lovasz_softmax(
+    probas: &Tensor,
+    labels: &Tensor,
+    cfg: &LovaszSoftmaxConfig,
+) -> Result<Tensor> {
+    prepare(probas, labels, cfg)?.loss(cfg.reduction)
+}
+
+/// [`lovasz_softmax`] of `softmax(logits, dim 1)`: the softmax is taken inside, in f32 or
+/// f64, with a working gradient to `logits` (`[B, C, *spatial]`).
+pub fn lovasz_softmax_with_logits(
+    logits: &Tensor,
+    labels: &Tensor,
+    cfg: &LovaszSoftmaxConfig,
+) -> Result<Tensor> {
+    if logits.rank() < 2 {
+        bail!(
+            "lovasz_softmax: logits must be [B, C, *spatial], got shape {:?}",
+            logits.dims()
+        )
+    }
+    let probas = candle_nn::ops::softmax(&upcast(logits, "logits")?, 1)?;
+    lovasz_softmax(&probas, labels, cfg)
+}
+
+/// The weights `W` of the Lovász-Softmax loss, for advanced use: a detached tensor with
+/// the shape of `probas` (`[B, C, *spatial]`, f32, or f64 for f64 input) such that
+/// `lovasz_softmax(probas, labels, cfg) = Σ W ⊙ |onehot(labels) - probas|`, with void
+/// pixels and classes that are not counted at weight 0 and the `1 / B` of a per-image
+/// mean folded in. Same arguments and checks as [`lovasz_softmax`].
+pub fn lovasz_softmax_weights(
+    probas: &Tensor,
+    labels: &Tensor,
+    cfg: &LovaszSoftmaxConfig,
+) -> Result<Tensor> {
+    let prepared = prepare(probas, labels, cfg)?;
+    prepared.weights(cfg.reduction)?.reshape(probas.shape())
+}
+
+fn prepare(probas: &Tensor, labels: &Tensor, cfg: &LovaszSoftmaxConfig) -> Result<Prepared> {
+    let dims = probas.dims();
+    if dims.len() < 2 {
+        bail!("lovasz_softmax: probas must be [B, C, *spatial], got shape {dims:?}")
+    }
+    check_not_empty(probas, "probas")?;
+    let (batch, n_classes) = (dims[0], dims[1]);
+    let spatial: usize = dims[2..].iter().product();
+    let mut expected = vec![batch];
+    expected.extend_from_slice(&dims[2..]);
+    check_label_dims(labels, &expected, "probas", dims)?;
+    let x = upcast(probas, "probas")?.reshape((batch, n_classes, spatial))?;
+    let host = HostLabels::new(labels, n_classes, cfg.ignore_index, "lovasz_softmax labels")?;
+
+    let weights: Vec<f64> = match &cfg.class_weights {
+        None => vec![1.0; n_classes],
+        Some(w) => {
+            if w.len() != n_classes {
+                bail!(
+                    "lovasz_softmax: class_weights has {} values but probas has {n_classes} classes",
+                    w.len()
+                )
+            }
+            if let Some((c, v)) = w
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+            {
+                bail!("lovasz_softmax: class_weights[{c}] = {v} must be finite and >= 0")
+            }
+            w.iter().map(|&v| f64::from(v)).collect()
+        }
+    };
+    let entry = |c: usize| ClassEntry {
+        class: c as u32,
+        channel: c,
+        weight: weights[c],
+    };
+    let selection = match &cfg.classes {
+        Classes::All | Classes::Present => Selection {
+            entries: (0..n_classes).map(entry).collect(),
+            only_present: cfg.classes == Classes::Present,
+        },
+        Classes::List(list) => {
+            if let Some(&c) = list.iter().find(|&&c| c >= n_classes) {
+                bail!(
+                    "lovasz_softmax: class {c} in the class list is out of range for {n_classes} classes (for binary probabilities of class 1, use lovasz_sigmoid)"
+                )
+            }
+            Selection {
+                entries: list.iter().map(|&c| entry(c)).collect(),
+                only_present: false,
+            }
+        }
+    };
+    Ok(Prepared {
+        x,
+        labels: host.values,
+        per_image: cfg.per_image,
+        kind: ErrorKind::Abs,
+        selection,
+    })
+}

@@ -1,0 +1,240 @@
+//! Conformance to the reference: every case of `fixtures/lovasz_reference.json`, computed
+//! with the authors' PyTorch code (float64 on float32 inputs), checked in f32 and in f64,
+//! on the CPU path and on the host-copy path that CUDA and Metal take.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle::{DType, Device, Tensor, Var};
+use lovasz_candle::metrics::{iou, iou_binary, IouConfig};
+use lovasz_candle::{
+    binary_xloss, force_host_copy, lovasz_grad, lovasz_hinge, lovasz_sigmoid, lovasz_softmax,
+    Classes, LovaszHingeConfig, LovaszSigmoidConfig, LovaszSoftmaxConfig,
+};
+use serde_json::Value;
+
+const ATOL: f64 = 2e-6;
+const RTOL: f64 = 2e-5;
+
+struct Fixtures {
+    cases: Vec<Value>,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn fixtures() -> Result<Fixtures> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("lovasz_reference.json"))?)?;
+    let tensors =
+        candle::safetensors::load(dir.join("lovasz_reference.safetensors"), &Device::Cpu)?;
+    let cases = json["cases"].as_array().context("cases")?.clone();
+    Ok(Fixtures { cases, tensors })
+}
+
+impl Fixtures {
+    fn get(&self, case: &Value, section: &str, key: &str) -> Result<Tensor> {
+        let name = case[section][key]
+            .as_str()
+            .with_context(|| format!("{section}.{key}"))?;
+        self.tensors
+            .get(name)
+            .cloned()
+            .with_context(|| format!("tensor {name}"))
+    }
+}
+
+fn ignore(params: &Value) -> Option<u32> {
+    params["ignore"].as_u64().map(|v| v as u32)
+}
+
+fn assert_close(name: &str, what: &str, got: &[f64], want: &[f64]) -> Result<()> {
+    if got.len() != want.len() {
+        bail!(
+            "{name}: {what} has {} values, expected {}",
+            got.len(),
+            want.len()
+        )
+    }
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let within = (g - w).abs() <= ATOL + RTOL * w.abs();
+        if !within {
+            bail!("{name}: {what}[{i}] = {g}, expected {w}")
+        }
+    }
+    Ok(())
+}
+
+fn flat(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
+}
+
+/// Runs a differentiable loss on `input` (as a variable of `dtype`) and returns the loss
+/// and its gradient.
+fn loss_and_grad(
+    input: &Tensor,
+    dtype: DType,
+    f: impl Fn(&Tensor) -> candle::Result<Tensor>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let var = Var::from_tensor(&input.to_dtype(dtype)?)?;
+    let loss = f(var.as_tensor())?;
+    if loss.dtype() != dtype {
+        bail!("loss dtype {:?}, expected {dtype:?}", loss.dtype())
+    }
+    let grads = loss.backward()?;
+    let grad = match grads.get(&var) {
+        Some(g) => flat(g)?,
+        None => vec![0.0; input.elem_count()],
+    };
+    Ok((flat(&loss)?, grad))
+}
+
+fn softmax_config(params: &Value) -> Result<LovaszSoftmaxConfig> {
+    let classes = match &params["classes"] {
+        Value::String(s) if s == "present" => Classes::Present,
+        Value::String(s) if s == "all" => Classes::All,
+        Value::Array(list) => Classes::List(
+            list.iter()
+                .map(|v| v.as_u64().unwrap_or(0) as usize)
+                .collect(),
+        ),
+        other => bail!("unknown classes {other}"),
+    };
+    Ok(LovaszSoftmaxConfig {
+        classes,
+        per_image: params["per_image"].as_bool().context("per_image")?,
+        ignore_index: ignore(params),
+        ..Default::default()
+    })
+}
+
+fn check_case(fx: &Fixtures, case: &Value, dtype: DType) -> Result<()> {
+    let name = case["name"].as_str().context("name")?;
+    let params = &case["params"];
+    let function = case["function"].as_str().context("function")?;
+    match function {
+        "lovasz_hinge" | "lovasz_sigmoid" | "lovasz_softmax" | "binary_xloss" => {
+            let (input_key, grad_key) = match function {
+                "lovasz_hinge" | "binary_xloss" => ("logits", "grad_logits"),
+                _ => ("probas", "grad_probas"),
+            };
+            let input = fx.get(case, "inputs", input_key)?;
+            let labels = fx.get(case, "inputs", "labels")?;
+            let per_image = params["per_image"].as_bool().unwrap_or(false);
+            let ign = ignore(params);
+            let (loss, grad) = match function {
+                "lovasz_hinge" => loss_and_grad(&input, dtype, |x| {
+                    lovasz_hinge(
+                        x,
+                        &labels,
+                        &LovaszHingeConfig {
+                            per_image,
+                            ignore_index: ign,
+                        },
+                    )
+                })?,
+                "lovasz_sigmoid" => loss_and_grad(&input, dtype, |x| {
+                    lovasz_sigmoid(
+                        x,
+                        &labels,
+                        &LovaszSigmoidConfig {
+                            per_image,
+                            ignore_index: ign,
+                        },
+                    )
+                })?,
+                "binary_xloss" => loss_and_grad(&input, dtype, |x| binary_xloss(x, &labels, ign))?,
+                _ => {
+                    let cfg = softmax_config(params)?;
+                    loss_and_grad(&input, dtype, |x| lovasz_softmax(x, &labels, &cfg))?
+                }
+            };
+            assert_close(
+                name,
+                "loss",
+                &loss,
+                &flat(&fx.get(case, "expected", "loss")?)?,
+            )?;
+            assert_close(
+                name,
+                "gradient",
+                &grad,
+                &flat(&fx.get(case, "expected", grad_key)?)?,
+            )?;
+        }
+        "lovasz_grad" => {
+            let gt = fx.get(case, "inputs", "gt_sorted")?;
+            let gt = if dtype == DType::F64 {
+                gt.to_dtype(DType::F64)?
+            } else {
+                gt
+            };
+            let got = flat(&lovasz_grad(&gt)?)?;
+            assert_close(
+                name,
+                "grad",
+                &got,
+                &flat(&fx.get(case, "expected", "grad")?)?,
+            )?;
+        }
+        "iou_binary" | "iou" => {
+            let preds = fx.get(case, "inputs", "preds")?;
+            let labels = fx.get(case, "inputs", "labels")?;
+            let cfg = IouConfig {
+                empty: params["empty"].as_f64().context("empty")?,
+                ignore_index: ignore(params),
+                per_image: params["per_image"].as_bool().context("per_image")?,
+            };
+            let got = if function == "iou" {
+                let n = params["n_classes"].as_u64().context("n_classes")? as usize;
+                iou(&preds, &labels, n, &cfg)?
+            } else {
+                vec![iou_binary(&preds, &labels, &cfg)?]
+            };
+            let percent: Vec<f64> = got.iter().map(|v| v * 100.0).collect();
+            let want = flat(&fx.get(case, "expected", "iou_percent")?)?;
+            // Percent values: the same relative tolerance, on the reference's scale.
+            assert_close(name, "iou_percent", &percent, &want)?;
+        }
+        other => bail!("{name}: unknown function {other}"),
+    }
+    Ok(())
+}
+
+fn check_all(dtype: DType, host_copy: bool) -> Result<()> {
+    let fx = fixtures()?;
+    force_host_copy(host_copy);
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in &fx.cases {
+        checked += 1;
+        if let Err(e) = check_case(&fx, case, dtype) {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    force_host_copy(false);
+    assert_eq!(checked, 83, "fixture count changed");
+    if !failures.is_empty() {
+        bail!(
+            "{} of {checked} cases fail ({dtype:?}):\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn reference_cases_f32() -> Result<()> {
+    check_all(DType::F32, false)
+}
+
+#[test]
+fn reference_cases_f64() -> Result<()> {
+    check_all(DType::F64, false)
+}
+
+#[test]
+fn reference_cases_host_copy_path() -> Result<()> {
+    check_all(DType::F32, true)
+}
