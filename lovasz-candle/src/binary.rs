@@ -4,7 +4,7 @@
 use candle::{bail, Result, Tensor};
 
 use crate::config::{LovaszHingeConfig, LovaszSigmoidConfig, Reduction};
-use crate::extension::Prepared;
+use crate::extension::{LossSpec, Prepared};
 use crate::input::{check_label_dims, check_not_empty, upcast, HostLabels};
 use crate::weights::{ClassEntry, ErrorKind, Selection};
 
@@ -32,16 +32,18 @@ fn prepare_binary(
     let host = HostLabels::new(labels, 2, ignore_index, what)?;
     Ok(Prepared {
         x,
-        labels: host.values,
-        per_image,
-        kind,
-        selection: Selection {
-            entries: vec![ClassEntry {
-                class: 1,
-                channel: 0,
-                weight: 1.0,
-            }],
-            only_present: false,
+        spec: LossSpec {
+            labels: host.values,
+            per_image,
+            kind,
+            selection: Selection {
+                entries: vec![ClassEntry {
+                    class: 1,
+                    channel: 0,
+                    weight: 1.0,
+                }],
+                only_present: false,
+            },
         },
     })
 }

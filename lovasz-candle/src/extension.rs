@@ -1,16 +1,23 @@
 //! The Lovász extension as candle tensors: runs the weight kernel on host data and turns
-//! its output into a differentiable loss (`K + Σ A ⊙ x`) or into the weight tensor `W`.
+//! its output into a differentiable loss, or into the weight tensor `W`.
+//!
+//! Two paths give the same loss. On the CPU a custom op computes the per-group losses
+//! inside the kernel (in f64) and keeps the coefficients `A` for its backward pass
+//! (`∂loss/∂x = A`). On other devices (and on the CPU when the host-copy path is forced)
+//! the input is copied to the host for the kernel and the loss is `K + Σ A ⊙ x`, a multiply
+//! and a sum on the device.
 
-use candle::{bail, DType, Result, Tensor};
+use std::sync::{Arc, Mutex};
+
+use candle::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::config::Reduction;
-use crate::input::with_host_slice;
-use crate::weights::{solve, ErrorKind, Output, Problem, Real, Selection};
+use crate::input::{host_copy_forced, with_host_slice};
+use crate::weights::{solve, ErrorKind, Output, Problem, Real, Selection, Solved};
 
-/// A validated loss input: `x` of shape `[B, C, S]` in f32 or f64 with its host labels.
-pub(crate) struct Prepared {
-    /// Scores `[B, C, S]` (probabilities or logits), f32 or f64, on the caller's device.
-    pub x: Tensor,
+/// Everything about a loss but its input tensor.
+pub(crate) struct LossSpec {
     /// Labels `[B, S]` with void pixels set to `input::VOID`.
     pub labels: Vec<u32>,
     pub per_image: bool,
@@ -18,77 +25,187 @@ pub(crate) struct Prepared {
     pub selection: Selection,
 }
 
-impl Prepared {
-    fn dims(&self) -> Result<(usize, usize, usize)> {
-        self.x.dims3()
+impl LossSpec {
+    fn groups(&self, batch: usize) -> usize {
+        if self.per_image {
+            batch
+        } else {
+            1
+        }
     }
 
-    fn solve_as<T: Real>(&self, output: Output, group_scale: f64) -> Result<(Vec<T>, Vec<f64>)> {
-        let (batch, channels, spatial) = self.dims()?;
-        with_host_slice::<T, _>(&self.x, |data| {
-            let problem = Problem {
-                data,
-                labels: &self.labels,
-                batch,
-                channels,
-                spatial,
-                per_image: self.per_image,
-                kind: self.kind,
-                output,
-                group_scale,
-            };
-            let solved = solve(&problem, &self.selection)?;
-            Ok((solved.values, solved.offsets))
-        })
-    }
-
-    /// The loss, reduced over images as `reduction` says. Gradients flow into `x` only.
-    pub fn loss(&self, reduction: Reduction) -> Result<Tensor> {
-        let (values, offsets) = match self.x.dtype() {
-            DType::F32 => {
-                let (v, k) = self.solve_as::<f32>(Output::Linear, 1.0)?;
-                (Tensor::from_vec(v, self.x.shape(), self.x.device())?, k)
-            }
-            DType::F64 => {
-                let (v, k) = self.solve_as::<f64>(Output::Linear, 1.0)?;
-                (Tensor::from_vec(v, self.x.shape(), self.x.device())?, k)
-            }
-            dt => bail!("lovasz: internal dtype {dt:?} (expected f32 or f64)"),
+    fn solve<T: Real>(
+        &self,
+        data: &[T],
+        (batch, channels, spatial): (usize, usize, usize),
+        output: Output,
+        group_scale: f64,
+    ) -> Result<Solved<T>> {
+        let problem = Problem {
+            data,
+            labels: &self.labels,
+            batch,
+            channels,
+            spatial,
+            per_image: self.per_image,
+            kind: self.kind,
+            output,
+            group_scale,
         };
-        let (batch, channels, _) = self.dims()?;
-        // Row sums first: a two-level sum keeps f32 accuracy on millions of pixels.
-        let rows = (values * &self.x)?.sum(2)?;
-        let groups = offsets.len();
-        let per_group = rows
-            .reshape((groups, (batch / groups) * channels))?
-            .sum(1)?;
-        let per_group = (per_group
-            + Tensor::from_vec(offsets, groups, self.x.device())?.to_dtype(self.x.dtype())?)?;
-        match (self.per_image, reduction) {
+        solve(&problem, &self.selection)
+    }
+}
+
+/// A validated loss input: `x` of shape `[B, C, S]` in f32 or f64 and its [`LossSpec`].
+pub(crate) struct Prepared {
+    /// Scores `[B, C, S]` (probabilities or logits), f32 or f64, on the caller's device.
+    pub x: Tensor,
+    pub spec: LossSpec,
+}
+
+impl Prepared {
+    /// The loss, reduced over images as `reduction` says. Gradients flow into `x` only.
+    pub fn loss(self, reduction: Reduction) -> Result<Tensor> {
+        let per_image = self.spec.per_image;
+        let per_group = if self.x.device().is_cpu() && !host_copy_forced() {
+            let groups = self.spec.groups(self.x.dim(0)?);
+            let op = FusedLovasz {
+                spec: self.spec,
+                groups,
+                coefficients: Mutex::new(None),
+            };
+            self.x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))?
+        } else {
+            self.linear_form()?
+        };
+        match (per_image, reduction) {
             (true, Reduction::Mean) => per_group.mean(0),
             (true, Reduction::Sum) | (false, Reduction::Mean | Reduction::Sum) => per_group.sum(0),
             (_, Reduction::None) => Ok(per_group),
         }
     }
 
+    /// Per-group losses `[G]` as `K + Σ A ⊙ x` with `A` computed on the host.
+    fn linear_form(&self) -> Result<Tensor> {
+        let dims = self.x.dims3()?;
+        let (values, offsets) = match self.x.dtype() {
+            DType::F32 => {
+                let s = with_host_slice::<f32, _>(&self.x, |d| {
+                    self.spec.solve(d, dims, Output::Linear, 1.0)
+                })?;
+                (
+                    Tensor::from_vec(s.values, self.x.shape(), self.x.device())?,
+                    s.offsets,
+                )
+            }
+            DType::F64 => {
+                let s = with_host_slice::<f64, _>(&self.x, |d| {
+                    self.spec.solve(d, dims, Output::Linear, 1.0)
+                })?;
+                (
+                    Tensor::from_vec(s.values, self.x.shape(), self.x.device())?,
+                    s.offsets,
+                )
+            }
+            dt => bail!("lovasz: internal dtype {dt:?} (expected f32 or f64)"),
+        };
+        let (batch, channels, _) = dims;
+        let groups = offsets.len();
+        // Row sums first: a two-level sum keeps f32 accuracy on millions of pixels.
+        let rows = (values * &self.x)?.sum(2)?;
+        let per_group = rows
+            .reshape((groups, (batch / groups) * channels))?
+            .sum(1)?;
+        let offsets =
+            Tensor::from_vec(offsets, groups, self.x.device())?.to_dtype(self.x.dtype())?;
+        per_group + offsets
+    }
+
     /// The weight tensor `W`, shape `[B, C, S]`, detached, with `loss = Σ W ⊙ errors`
     /// under `reduction` (`Mean` folds `1 / B` in when `per_image`).
     pub fn weights(&self, reduction: Reduction) -> Result<Tensor> {
-        let (batch, _, _) = self.dims()?;
-        let scale = if self.per_image && reduction == Reduction::Mean {
-            1.0 / batch as f64
+        let dims = self.x.dims3()?;
+        let scale = if self.spec.per_image && reduction == Reduction::Mean {
+            1.0 / dims.0 as f64
         } else {
             1.0
         };
         match self.x.dtype() {
             DType::F64 => {
-                let (v, _) = self.solve_as::<f64>(Output::Weights, scale)?;
-                Tensor::from_vec(v, self.x.shape(), self.x.device())
+                let s = with_host_slice::<f64, _>(&self.x, |d| {
+                    self.spec.solve(d, dims, Output::Weights, scale)
+                })?;
+                Tensor::from_vec(s.values, self.x.shape(), self.x.device())
             }
             _ => {
-                let (v, _) = self.solve_as::<f32>(Output::Weights, scale)?;
-                Tensor::from_vec(v, self.x.shape(), self.x.device())
+                let s = with_host_slice::<f32, _>(&self.x, |d| {
+                    self.spec.solve(d, dims, Output::Weights, scale)
+                })?;
+                Tensor::from_vec(s.values, self.x.shape(), self.x.device())
             }
         }
+    }
+}
+
+/// The CPU path: one op whose forward runs the kernel and returns the per-group losses
+/// `[G]`, and whose backward multiplies the kept coefficients by the incoming gradient.
+struct FusedLovasz {
+    spec: LossSpec,
+    groups: usize,
+    coefficients: Mutex<Option<Tensor>>,
+}
+
+impl FusedLovasz {
+    fn forward<T: Real>(&self, data: &[T], shape: &Shape) -> Result<Vec<T>> {
+        let solved = self.spec.solve(data, shape.dims3()?, Output::Linear, 1.0)?;
+        let coefficients = Tensor::from_vec(solved.values, shape, &Device::Cpu)?;
+        match self.coefficients.lock() {
+            Ok(mut slot) => *slot = Some(coefficients),
+            Err(_) => bail!("lovasz: coefficient store poisoned by an earlier panic"),
+        }
+        // NaN anywhere in the input gives a NaN loss, as the device path does.
+        let nan = data
+            .par_chunks(1 << 16)
+            .any(|c| c.iter().any(|v| v.to_f64().is_nan()));
+        Ok(solved
+            .losses
+            .into_iter()
+            .map(|l| T::from_f64(if nan { f64::NAN } else { l }))
+            .collect())
+    }
+}
+
+impl CustomOp1 for FusedLovasz {
+    fn name(&self) -> &'static str {
+        "lovasz-fused"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("lovasz: input must be contiguous")
+        };
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.forward(&v[start..end], layout.shape())?),
+            CpuStorage::F64(v) => CpuStorage::F64(self.forward(&v[start..end], layout.shape())?),
+            _ => bail!("lovasz: internal dtype (expected f32 or f64)"),
+        };
+        Ok((out, Shape::from(self.groups)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let coefficients = match self.coefficients.lock() {
+            Ok(slot) => slot.clone(),
+            Err(_) => bail!("lovasz: coefficient store poisoned by an earlier panic"),
+        };
+        let Some(a) = coefficients else {
+            bail!("lovasz: backward called before forward")
+        };
+        let (batch, _, _) = arg.dims3()?;
+        let grad = if self.groups == 1 {
+            grad_res.reshape((1, 1, 1))?
+        } else {
+            grad_res.reshape((batch, 1, 1))?
+        };
+        Ok(Some(a.broadcast_mul(&grad)?))
     }
 }

@@ -20,7 +20,7 @@ pub fn force_host_copy(on: bool) {
     FORCE_HOST_COPY.with(|f| f.set(on));
 }
 
-fn host_copy_forced() -> bool {
+pub(crate) fn host_copy_forced() -> bool {
     FORCE_HOST_COPY.with(|f| f.get())
 }
 

@@ -69,6 +69,7 @@ mod extension;
 mod input;
 mod jaccard;
 pub mod metrics;
+mod radix;
 mod softmax;
 mod weights;
 

@@ -3,7 +3,7 @@
 use candle::{bail, Result, Tensor};
 
 use crate::config::{Classes, LovaszSoftmaxConfig};
-use crate::extension::Prepared;
+use crate::extension::{LossSpec, Prepared};
 use crate::input::{check_label_dims, check_not_empty, upcast, HostLabels};
 use crate::weights::{ClassEntry, ErrorKind, Selection};
 
@@ -129,9 +129,11 @@ fn prepare(probas: &Tensor, labels: &Tensor, cfg: &LovaszSoftmaxConfig) -> Resul
     };
     Ok(Prepared {
         x,
-        labels: host.values,
-        per_image: cfg.per_image,
-        kind: ErrorKind::Abs,
-        selection,
+        spec: LossSpec {
+            labels: host.values,
+            per_image: cfg.per_image,
+            kind: ErrorKind::Abs,
+            selection,
+        },
     })
 }

@@ -74,26 +74,30 @@ pub(crate) struct Problem<'a, T> {
     pub group_scale: f64,
 }
 
-/// The kernel's result: per-pixel values `[B, C, S]` (zero where no class job wrote) and
-/// one offset per group (`K`, zero in [`Output::Weights`] mode).
+/// The kernel's result: per-pixel values `[B, C, S]` (zero where no class job wrote), and
+/// per group the offset `K` and the loss `Σ W ⊙ errors` in f64 (both zero in
+/// [`Output::Weights`] mode).
 pub(crate) struct Solved<T> {
     pub values: Vec<T>,
     pub offsets: Vec<f64>,
+    pub losses: Vec<f64>,
 }
 
 /// A float dtype whose errors can be ranked as packed integers.
 pub(crate) trait Real: candle::WithDType + PartialOrd {
-    /// (descending error key, pixel index) packed so that ascending integer order is
-    /// descending error order.
+    /// (descending error key, pixel index, foreground bit) packed so that ascending
+    /// integer order is descending error order, ties by ascending index.
     type Packed: Ord + Copy + Send + Sync;
-    fn pack(err: Self, index: u32) -> Self::Packed;
-    fn index(p: Self::Packed) -> u32;
+    fn pack(err: Self, index: u32, fg: bool) -> Self::Packed;
+    /// The pixel index (`< 2^31`) and the foreground bit.
+    fn unpack(p: Self::Packed) -> (usize, bool);
+    fn sort(keys: &mut Vec<Self::Packed>, parallel: bool);
 }
 
 impl Real for f32 {
     type Packed = u64;
     #[inline]
-    fn pack(err: f32, index: u32) -> u64 {
+    fn pack(err: f32, index: u32, fg: bool) -> u64 {
         let bits = err.to_bits();
         // Total order of IEEE floats as unsigned integers, then reversed.
         let ascending = if bits >> 31 == 1 {
@@ -101,29 +105,43 @@ impl Real for f32 {
         } else {
             bits | 1 << 31
         };
-        (u64::from(!ascending) << 32) | u64::from(index)
+        (u64::from(!ascending) << 32) | u64::from(index) << 1 | u64::from(fg)
     }
     #[inline]
-    fn index(p: u64) -> u32 {
-        p as u32
+    fn unpack(p: u64) -> (usize, bool) {
+        (((p as u32) >> 1) as usize, p & 1 == 1)
+    }
+    fn sort(keys: &mut Vec<u64>, parallel: bool) {
+        if parallel {
+            keys.par_sort_unstable();
+        } else {
+            crate::radix::sort_by_high_word(keys);
+        }
     }
 }
 
 impl Real for f64 {
     type Packed = u128;
     #[inline]
-    fn pack(err: f64, index: u32) -> u128 {
+    fn pack(err: f64, index: u32, fg: bool) -> u128 {
         let bits = err.to_bits();
         let ascending = if bits >> 63 == 1 {
             !bits
         } else {
             bits | 1 << 63
         };
-        (u128::from(!ascending) << 32) | u128::from(index)
+        (u128::from(!ascending) << 64) | u128::from(index) << 1 | u128::from(fg)
     }
     #[inline]
-    fn index(p: u128) -> u32 {
-        p as u32
+    fn unpack(p: u128) -> (usize, bool) {
+        (((p as u32) >> 1) as usize, p & 1 == 1)
+    }
+    fn sort(keys: &mut Vec<u128>, parallel: bool) {
+        if parallel {
+            keys.par_sort_unstable();
+        } else {
+            keys.sort_unstable();
+        }
     }
 }
 
@@ -194,9 +212,9 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
         std::iter::once(0..b_n).collect()
     };
     if let Some(g) = groups.first() {
-        if g.len() * s_n > u32::MAX as usize {
+        if g.len() * s_n > (u32::MAX >> 1) as usize {
             bail!(
-                "lovasz kernel: a group of {} pixels exceeds the 2^32 pixels one sort can index; use per_image or smaller batches",
+                "lovasz kernel: a group of {} pixels exceeds the 2^31 pixels one sort can index; use per_image or smaller batches",
                 g.len() * s_n
             )
         }
@@ -262,64 +280,87 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
         work.push((job, outs));
     }
     let parallel_sort = jobs.len() < rayon::current_num_threads();
-    let parts: Vec<(usize, f64)> = work
+    let parts: Vec<(usize, JobSums)> = work
         .into_par_iter()
         .map(|(job, mut outs)| {
-            let k = run_job(p, groups[job.group].clone(), job, &mut outs, parallel_sort);
-            (job.group, k)
+            let sums = run_job(p, groups[job.group].clone(), job, &mut outs, parallel_sort);
+            (job.group, sums)
         })
         .collect();
     let mut offsets = vec![0.0; groups.len()];
-    for (g, k) in parts {
-        offsets[g] += k;
+    let mut losses = vec![0.0; groups.len()];
+    for (g, sums) in parts {
+        offsets[g] += sums.offset;
+        losses[g] += sums.loss;
     }
-    Ok(Solved { values, offsets })
+    Ok(Solved {
+        values,
+        offsets,
+        losses,
+    })
+}
+
+/// A job's share of its group's offset `K` and loss.
+#[derive(Default)]
+struct JobSums {
+    offset: f64,
+    loss: f64,
 }
 
 /// One (group, class) job: rank the errors, walk the Jaccard gradient, write the outputs.
-/// Returns the job's share of the group offset `K`.
 fn run_job<T: Real>(
     p: &Problem<T>,
     images: Range<usize>,
     job: &Job,
     outs: &mut [&mut [T]],
     parallel_sort: bool,
-) -> f64 {
+) -> JobSums {
     let s_n = p.spatial;
     let input = |b: usize| &p.data[(b * p.channels + job.channel) * s_n..][..s_n];
+    let labels = |b: usize| &p.labels[b * s_n..][..s_n];
     let mut keys: Vec<T::Packed> = Vec::with_capacity(images.len() * s_n);
     for (li, b) in images.clone().enumerate() {
-        let x = input(b);
-        let labels = &p.labels[b * s_n..][..s_n];
-        for (i, (&xi, &l)) in x.iter().zip(labels).enumerate() {
+        let base = li * s_n;
+        for (i, (&x, &l)) in input(b).iter().zip(labels(b)).enumerate() {
             if l != VOID {
-                let err = p.kind.error(xi, l == job.class);
-                keys.push(T::pack(err, (li * s_n + i) as u32));
+                let fg = l == job.class;
+                keys.push(T::pack(p.kind.error(x, fg), (base + i) as u32, fg));
             }
         }
     }
-    if parallel_sort {
-        keys.par_sort_unstable();
-    } else {
-        keys.sort_unstable();
+    if keys.is_empty() {
+        return JobSums::default();
     }
+    T::sort(&mut keys, parallel_sort);
+    // The walk scatters weights in pixel order; a second, sequential pass turns them into
+    // outputs, so that the random accesses touch one compact buffer only.
+    let mut weights = vec![T::zero(); images.len() * s_n];
     let mut walk = JaccardWalk::new(job.gts);
-    let mut offset = 0.0;
     for key in keys {
-        let idx = T::index(key) as usize;
-        let (li, i) = (idx / s_n, idx % s_n);
-        let b = images.start + li;
-        let fg = p.labels[b * s_n + i] == job.class;
-        let w = walk.step(fg) * job.scale;
-        outs[li][i] = match p.output {
-            Output::Weights => T::from_f64(w),
-            Output::Linear => {
-                let x = input(b)[i];
-                let (a, k) = p.kind.linear(x, p.kind.error(x, fg), fg);
-                offset += w * k;
-                T::from_f64(w * a)
-            }
-        };
+        let (idx, fg) = T::unpack(key);
+        weights[idx] = T::from_f64(walk.step(fg) * job.scale);
     }
-    offset
+    let mut sums = JobSums::default();
+    for ((li, b), out) in images.enumerate().zip(outs.iter_mut()) {
+        let w = &weights[li * s_n..][..s_n];
+        match p.output {
+            Output::Weights => out.copy_from_slice(w),
+            Output::Linear => {
+                let rows = input(b).iter().zip(labels(b)).zip(w).zip(out.iter_mut());
+                for (((&x, &l), &wi), o) in rows {
+                    if wi == T::zero() {
+                        continue;
+                    }
+                    let fg = l == job.class;
+                    let err = p.kind.error(x, fg);
+                    let (a, k) = p.kind.linear(x, err, fg);
+                    let w = wi.to_f64();
+                    *o = T::from_f64(w * a);
+                    sums.offset += w * k;
+                    sums.loss += w * (k + a * x.to_f64());
+                }
+            }
+        }
+    }
+    sums
 }

@@ -551,3 +551,48 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn cpu_and_device_paths_agree_on_large_inputs() -> Result<()> {
+    // Large enough for the radix sort (groups of more than 2048 pixels).
+    let p = probas(3, 4, 40, 40, 12)?;
+    let lv: Vec<u32> = (0..4800u32)
+        .map(|i| {
+            if i % 13 == 0 {
+                255
+            } else {
+                (i * 7 + i / 40) % 4
+            }
+        })
+        .collect();
+    let l = Tensor::from_vec(lv, (3, 40, 40), &DEV)?;
+    for per_image in [false, true] {
+        let c = cfg(Classes::Present, per_image);
+        let (v_cpu, g_cpu) = value_and_grad(&p, |x| lovasz_softmax(x, &l, &c))?;
+        lovasz_candle::force_host_copy(true);
+        let device_path = value_and_grad(&p, |x| lovasz_softmax(x, &l, &c));
+        lovasz_candle::force_host_copy(false);
+        let (v_dev, g_dev) = device_path?;
+        assert!((v_cpu - v_dev).abs() < 1e-6, "{v_cpu} vs {v_dev}");
+        assert_eq!(max_abs(&(g_cpu - g_dev)?)?, 0.0);
+    }
+    Ok(())
+}
+
+#[test]
+fn nan_at_a_void_pixel_gives_nan_on_both_paths() -> Result<()> {
+    let mut v = probas(1, 2, 2, 2, 13)?.flatten_all()?.to_vec1::<f32>()?;
+    v[0] = f32::NAN;
+    let p = Tensor::from_vec(v, (1, 2, 2, 2), &DEV)?;
+    let l = Tensor::new(&[[[255u32, 1], [1, 0]]], &DEV)?;
+    for forced in [false, true] {
+        lovasz_candle::force_host_copy(forced);
+        let loss = lovasz_softmax(&p, &l, &cfg(Classes::Present, false));
+        lovasz_candle::force_host_copy(false);
+        assert!(
+            loss?.to_scalar::<f32>()?.is_nan(),
+            "host copy forced: {forced}"
+        );
+    }
+    Ok(())
+}
