@@ -1,11 +1,12 @@
 //! LSD radix sort of packed `u64` keys by their upper 32 bits (the error key), stable, so
-//! equal errors keep the order they were generated in (ascending pixel index). Three
-//! passes of 11 / 11 / 10 bits; a pass whose digit is the same for every key is skipped.
+//! equal errors keep the order they were generated in (ascending pixel index). Four
+//! passes of 8 bits (measured here on 900k keys: 10 ms against 13 ms for 11-bit digits and
+//! for `sort_unstable`); a pass whose digit is the same for every key is skipped.
 
 /// Below this many keys a comparison sort is faster than the radix passes.
 const SMALL: usize = 1 << 11;
 
-const DIGITS: [(u32, u64); 3] = [(32, 0x7ff), (43, 0x7ff), (54, 0x3ff)];
+const DIGITS: [u32; 4] = [32, 40, 48, 56];
 
 /// Sorts `keys` in ascending order of `key >> 32`, ties in their current order. For keys
 /// whose lower word increases along the input (as the kernel generates them), the result
@@ -16,26 +17,26 @@ pub(crate) fn sort_by_high_word(keys: &mut Vec<u64>) {
         keys.sort_unstable();
         return;
     }
-    let mut hist = [[0usize; 2048]; 3];
+    let mut hist = [[0usize; 256]; 4];
     for &k in keys.iter() {
-        for (h, &(shift, mask)) in hist.iter_mut().zip(&DIGITS) {
-            h[((k >> shift) & mask) as usize] += 1;
+        for (h, &shift) in hist.iter_mut().zip(&DIGITS) {
+            h[((k >> shift) & 0xff) as usize] += 1;
         }
     }
     let mut src = std::mem::take(keys);
     let mut dst = vec![0u64; n];
-    for (h, &(shift, mask)) in hist.iter().zip(&DIGITS) {
+    for (h, &shift) in hist.iter().zip(&DIGITS) {
         if h.contains(&n) {
             continue;
         }
-        let mut offsets = [0usize; 2048];
+        let mut offsets = [0usize; 256];
         let mut total = 0;
         for (o, &c) in offsets.iter_mut().zip(h.iter()) {
             *o = total;
             total += c;
         }
         for &k in &src {
-            let d = ((k >> shift) & mask) as usize;
+            let d = ((k >> shift) & 0xff) as usize;
             dst[offsets[d]] = k;
             offsets[d] += 1;
         }
