@@ -200,12 +200,13 @@ impl CustomOp1 for FusedLovasz {
         let Some(a) = coefficients else {
             bail!("lovasz: backward called before forward")
         };
+        // The incoming gradient is one value per group; when it is the same for every
+        // group (a plain sum or mean), scaling `A` needs no broadcast, and none at all for 1.
+        let g = grad_res.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        if g.iter().all(|&v| v == g[0]) {
+            return Ok(Some(if g[0] == 1.0 { a } else { a.affine(g[0], 0.0)? }));
+        }
         let (batch, _, _) = arg.dims3()?;
-        let grad = if self.groups == 1 {
-            grad_res.reshape((1, 1, 1))?
-        } else {
-            grad_res.reshape((batch, 1, 1))?
-        };
-        Ok(Some(a.broadcast_mul(&grad)?))
+        Ok(Some(a.broadcast_mul(&grad_res.reshape((batch, 1, 1))?)?))
     }
 }

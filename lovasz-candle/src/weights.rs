@@ -85,19 +85,32 @@ pub(crate) struct Solved<T> {
 
 /// A float dtype whose errors can be ranked as packed integers.
 pub(crate) trait Real: candle::WithDType + PartialOrd {
-    /// (descending error key, pixel index, foreground bit) packed so that ascending
-    /// integer order is descending error order, ties by ascending index.
+    /// (descending error key, pixel index, slope bit, foreground bit) packed so that
+    /// ascending integer order is descending error order, ties by ascending index.
     type Packed: Ord + Copy + Send + Sync;
-    fn pack(err: Self, index: u32, fg: bool) -> Self::Packed;
-    /// The pixel index (`< 2^31`) and the foreground bit.
-    fn unpack(p: Self::Packed) -> (usize, bool);
+    fn pack(err: Self, index: u32, slope: bool, fg: bool) -> Self::Packed;
+    /// The pixel index (`< 2^30`), the slope bit and the foreground bit.
+    fn unpack(p: Self::Packed) -> (usize, bool, bool);
+    /// The error a key was made from.
+    fn error(p: Self::Packed) -> Self;
     fn sort(keys: &mut Vec<Self::Packed>, parallel: bool);
+}
+
+/// The low word of a packed key: index, slope bit, foreground bit.
+#[inline]
+fn low_word(index: u32, slope: bool, fg: bool) -> u32 {
+    index << 2 | u32::from(slope) << 1 | u32::from(fg)
+}
+
+#[inline]
+fn split_low_word(w: u32) -> (usize, bool, bool) {
+    ((w >> 2) as usize, w & 2 != 0, w & 1 != 0)
 }
 
 impl Real for f32 {
     type Packed = u64;
     #[inline]
-    fn pack(err: f32, index: u32, fg: bool) -> u64 {
+    fn pack(err: f32, index: u32, slope: bool, fg: bool) -> u64 {
         let bits = err.to_bits();
         // Total order of IEEE floats as unsigned integers, then reversed.
         let ascending = if bits >> 31 == 1 {
@@ -105,11 +118,20 @@ impl Real for f32 {
         } else {
             bits | 1 << 31
         };
-        (u64::from(!ascending) << 32) | u64::from(index) << 1 | u64::from(fg)
+        (u64::from(!ascending) << 32) | u64::from(low_word(index, slope, fg))
     }
     #[inline]
-    fn unpack(p: u64) -> (usize, bool) {
-        (((p as u32) >> 1) as usize, p & 1 == 1)
+    fn unpack(p: u64) -> (usize, bool, bool) {
+        split_low_word(p as u32)
+    }
+    #[inline]
+    fn error(p: u64) -> f32 {
+        let ascending = !((p >> 32) as u32);
+        f32::from_bits(if ascending >> 31 == 1 {
+            ascending & !(1 << 31)
+        } else {
+            !ascending
+        })
     }
     fn sort(keys: &mut Vec<u64>, parallel: bool) {
         if parallel {
@@ -123,18 +145,27 @@ impl Real for f32 {
 impl Real for f64 {
     type Packed = u128;
     #[inline]
-    fn pack(err: f64, index: u32, fg: bool) -> u128 {
+    fn pack(err: f64, index: u32, slope: bool, fg: bool) -> u128 {
         let bits = err.to_bits();
         let ascending = if bits >> 63 == 1 {
             !bits
         } else {
             bits | 1 << 63
         };
-        (u128::from(!ascending) << 64) | u128::from(index) << 1 | u128::from(fg)
+        (u128::from(!ascending) << 64) | u128::from(low_word(index, slope, fg))
     }
     #[inline]
-    fn unpack(p: u128) -> (usize, bool) {
-        (((p as u32) >> 1) as usize, p & 1 == 1)
+    fn unpack(p: u128) -> (usize, bool, bool) {
+        split_low_word(p as u32)
+    }
+    #[inline]
+    fn error(p: u128) -> f64 {
+        let ascending = !((p >> 64) as u64);
+        f64::from_bits(if ascending >> 63 == 1 {
+            ascending & !(1 << 63)
+        } else {
+            !ascending
+        })
     }
     fn sort(keys: &mut Vec<u128>, parallel: bool) {
         if parallel {
@@ -146,48 +177,37 @@ impl Real for f64 {
 }
 
 impl ErrorKind {
+    /// The error of input `x` and the slope bit: for `Abs`, whether `target - x >= 0`
+    /// (the error is `target - x`, else `x - target`); for `Hinge`, whether the error is
+    /// positive (else relu clamps it to 0).
     #[inline]
-    fn error<T: Real>(self, x: T, fg: bool) -> T {
+    fn error<T: Real>(self, x: T, fg: bool) -> (T, bool) {
         let one = T::from_f64(1.0);
         match self {
             ErrorKind::Abs => {
-                let d = if fg { one - x } else { x };
-                if d < T::zero() {
-                    T::zero() - d
+                let d = if fg { one - x } else { T::zero() - x };
+                if d >= T::zero() {
+                    (d, true)
                 } else {
-                    d
+                    (T::zero() - d, false)
                 }
             }
             ErrorKind::Hinge => {
-                if fg {
-                    one - x
-                } else {
-                    one + x
-                }
+                let e = if fg { one - x } else { one + x };
+                (e, e > T::zero())
             }
         }
     }
 
-    /// `(a, k)` with `error = k + a x` near `x` (zero where the hinge is clamped).
+    /// `(a, k, e)`: the clamped error `e = k + a x` near `x`, from the slope bit.
     #[inline]
-    fn linear<T: Real>(self, x: T, err: T, fg: bool) -> (f64, f64) {
-        match self {
-            ErrorKind::Abs => {
-                let target = if fg { 1.0 } else { 0.0 };
-                let s = if target - x.to_f64() >= 0.0 {
-                    1.0
-                } else {
-                    -1.0
-                };
-                (-s, s * target)
-            }
-            ErrorKind::Hinge => {
-                if err > T::zero() {
-                    (if fg { -1.0 } else { 1.0 }, 1.0)
-                } else {
-                    (0.0, 0.0)
-                }
-            }
+    fn linear(self, err: f64, slope: bool, fg: bool) -> (f64, f64, f64) {
+        let target = if fg { 1.0 } else { 0.0 };
+        match (self, slope) {
+            (ErrorKind::Abs, true) => (-1.0, target, err),
+            (ErrorKind::Abs, false) => (1.0, -target, err),
+            (ErrorKind::Hinge, true) => (if fg { -1.0 } else { 1.0 }, 1.0, err),
+            (ErrorKind::Hinge, false) => (0.0, 0.0, 0.0),
         }
     }
 }
@@ -212,9 +232,9 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
         std::iter::once(0..b_n).collect()
     };
     if let Some(g) = groups.first() {
-        if g.len() * s_n > (u32::MAX >> 1) as usize {
+        if g.len() * s_n > (u32::MAX >> 2) as usize {
             bail!(
-                "lovasz kernel: a group of {} pixels exceeds the 2^31 pixels one sort can index; use per_image or smaller batches",
+                "lovasz kernel: a group of {} pixels exceeds the 2^30 pixels one sort can index; use per_image or smaller batches",
                 g.len() * s_n
             )
         }
@@ -316,50 +336,53 @@ fn run_job<T: Real>(
     parallel_sort: bool,
 ) -> JobSums {
     let s_n = p.spatial;
-    let input = |b: usize| &p.data[(b * p.channels + job.channel) * s_n..][..s_n];
-    let labels = |b: usize| &p.labels[b * s_n..][..s_n];
     let mut keys: Vec<T::Packed> = Vec::with_capacity(images.len() * s_n);
     for (li, b) in images.clone().enumerate() {
+        let x = &p.data[(b * p.channels + job.channel) * s_n..][..s_n];
+        let labels = &p.labels[b * s_n..][..s_n];
         let base = li * s_n;
-        for (i, (&x, &l)) in input(b).iter().zip(labels(b)).enumerate() {
+        for (i, (&x, &l)) in x.iter().zip(labels).enumerate() {
             if l != VOID {
                 let fg = l == job.class;
-                keys.push(T::pack(p.kind.error(x, fg), (base + i) as u32, fg));
+                let (err, slope) = p.kind.error(x, fg);
+                keys.push(T::pack(err, (base + i) as u32, slope, fg));
             }
         }
     }
+    let mut sums = JobSums::default();
     if keys.is_empty() {
-        return JobSums::default();
+        return sums;
     }
     T::sort(&mut keys, parallel_sort);
-    // The walk scatters weights in pixel order; a second, sequential pass turns them into
-    // outputs, so that the random accesses touch one compact buffer only.
-    let mut weights = vec![T::zero(); images.len() * s_n];
+    // Everything the outputs need is in the keys, so one walk writes them. A single image
+    // is written in place; several go through one compact buffer (random writes stay in
+    // one allocation) and are then copied out.
+    let mut buffer = Vec::new();
+    let target: &mut [T] = match outs {
+        [single] => single,
+        _ => {
+            buffer = vec![T::zero(); images.len() * s_n];
+            &mut buffer
+        }
+    };
     let mut walk = JaccardWalk::new(job.gts);
     for key in keys {
-        let (idx, fg) = T::unpack(key);
-        weights[idx] = T::from_f64(walk.step(fg) * job.scale);
-    }
-    let mut sums = JobSums::default();
-    for ((li, b), out) in images.enumerate().zip(outs.iter_mut()) {
-        let w = &weights[li * s_n..][..s_n];
-        match p.output {
-            Output::Weights => out.copy_from_slice(w),
+        let (idx, slope, fg) = T::unpack(key);
+        let w = T::from_f64(walk.step(fg) * job.scale);
+        target[idx] = match p.output {
+            Output::Weights => w,
             Output::Linear => {
-                let rows = input(b).iter().zip(labels(b)).zip(w).zip(out.iter_mut());
-                for (((&x, &l), &wi), o) in rows {
-                    if wi == T::zero() {
-                        continue;
-                    }
-                    let fg = l == job.class;
-                    let err = p.kind.error(x, fg);
-                    let (a, k) = p.kind.linear(x, err, fg);
-                    let w = wi.to_f64();
-                    *o = T::from_f64(w * a);
-                    sums.offset += w * k;
-                    sums.loss += w * (k + a * x.to_f64());
-                }
+                let w = w.to_f64();
+                let (a, k, e) = p.kind.linear(T::error(key).to_f64(), slope, fg);
+                sums.offset += w * k;
+                sums.loss += w * e;
+                T::from_f64(w * a)
             }
+        };
+    }
+    if !buffer.is_empty() {
+        for (out, chunk) in outs.iter_mut().zip(buffer.chunks(s_n)) {
+            out.copy_from_slice(chunk);
         }
     }
     sums

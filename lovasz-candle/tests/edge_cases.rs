@@ -596,3 +596,26 @@ fn nan_at_a_void_pixel_gives_nan_on_both_paths() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn per_image_losses_backpropagate_their_own_weights() -> Result<()> {
+    let p = probas(3, 2, 4, 4, 14)?;
+    let l = Tensor::from_vec(
+        (0..48u32).map(|i| (i / 5) % 2).collect::<Vec<_>>(),
+        (3, 4, 4),
+        &DEV,
+    )?;
+    let mut c = cfg(Classes::Present, true);
+    c.reduction = Reduction::None;
+    let scale = Tensor::new(&[1f32, 2., 3.], &DEV)?;
+    let (_, g) = value_and_grad(&p, |x| lovasz_softmax(x, &l, &c)?.mul(&scale)?.sum_all())?;
+    for b in 0..3 {
+        let single = cfg(Classes::Present, true);
+        let (_, gb) = value_and_grad(&p.narrow(0, b, 1)?, |x| {
+            lovasz_softmax(x, &l.narrow(0, b, 1)?, &single)
+        })?;
+        let diff = (g.narrow(0, b, 1)? - (gb * (b as f64 + 1.0))?)?;
+        assert!(max_abs(&diff)? < 1e-6, "image {b}");
+    }
+    Ok(())
+}
