@@ -43,7 +43,8 @@ fn scaling(crit: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(format!("C={c}"), p), &p, |b, _| {
                 b.iter(|| {
                     let loss = lovasz_softmax(var.as_tensor(), &labels, &cfg);
-                    loss.and_then(|l| l.backward()).map(|g| g.get(&var).is_some())
+                    loss.and_then(|l| l.backward())
+                        .map(|g| g.get(&var).is_some())
                 })
             });
         }

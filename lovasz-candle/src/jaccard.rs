@@ -59,8 +59,8 @@ impl JaccardWalk {
 /// use candle::{Device, Tensor};
 /// let gt = Tensor::new(&[1u32, 0, 1, 0], &Device::Cpu)?;
 /// let g = lovasz_candle::lovasz_grad(&gt)?.to_vec1::<f32>()?;
-/// // J = 1 - I/U over the prefixes: 0.5, 2/3, 2/3, 1
-/// assert!((g[0] - 0.5).abs() < 1e-6 && (g[3] - 1.0 / 3.0).abs() < 1e-6);
+/// // J = 1 - I/U over the prefixes: 0.5, 2/3, 1, 1
+/// assert!((g[0] - 0.5).abs() < 1e-6 && (g[2] - 1.0 / 3.0).abs() < 1e-6 && g[3] == 0.0);
 /// # Ok(()) }
 /// ```
 pub fn lovasz_grad(gt_sorted: &Tensor) -> Result<Tensor> {
