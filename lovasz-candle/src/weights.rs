@@ -93,7 +93,8 @@ pub(crate) trait Real: candle::WithDType + PartialOrd {
     fn unpack(p: Self::Packed) -> (usize, bool, bool);
     /// The error a key was made from.
     fn error(p: Self::Packed) -> Self;
-    fn sort(keys: &mut Vec<Self::Packed>, parallel: bool);
+    /// Sorts ascending; `scratch` is reusable working memory.
+    fn sort(keys: &mut [Self::Packed], scratch: &mut Vec<Self::Packed>, parallel: bool);
 }
 
 /// The low word of a packed key: index, slope bit, foreground bit.
@@ -133,11 +134,11 @@ impl Real for f32 {
             !ascending
         })
     }
-    fn sort(keys: &mut Vec<u64>, parallel: bool) {
+    fn sort(keys: &mut [u64], scratch: &mut Vec<u64>, parallel: bool) {
         if parallel {
-            keys.par_sort_unstable();
+            crate::radix::par_sort_by_high_word(keys);
         } else {
-            crate::radix::sort_by_high_word(keys);
+            crate::radix::sort_by_high_word(keys, scratch);
         }
     }
 }
@@ -167,7 +168,7 @@ impl Real for f64 {
             !ascending
         })
     }
-    fn sort(keys: &mut Vec<u128>, parallel: bool) {
+    fn sort(keys: &mut [u128], _scratch: &mut Vec<u128>, parallel: bool) {
         if parallel {
             keys.par_sort_unstable();
         } else {
@@ -302,8 +303,9 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
     let parallel_sort = jobs.len() < rayon::current_num_threads();
     let parts: Vec<(usize, JobSums)> = work
         .into_par_iter()
-        .map(|(job, mut outs)| {
-            let sums = run_job(p, groups[job.group].clone(), job, &mut outs, parallel_sort);
+        .map_init(Workspace::default, |ws, (job, mut outs)| {
+            let images = groups[job.group].clone();
+            let sums = run_job(p, images, job, &mut outs, parallel_sort, ws);
             (job.group, sums)
         })
         .collect();
@@ -327,6 +329,24 @@ struct JobSums {
     loss: f64,
 }
 
+/// Working memory reused by the jobs one rayon task runs, so that large buffers are
+/// allocated (and page-faulted) once per task rather than once per job.
+struct Workspace<T: Real> {
+    keys: Vec<T::Packed>,
+    scratch: Vec<T::Packed>,
+    buffer: Vec<T>,
+}
+
+impl<T: Real> Default for Workspace<T> {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            scratch: Vec::new(),
+            buffer: Vec::new(),
+        }
+    }
+}
+
 /// One (group, class) job: rank the errors, walk the Jaccard gradient, write the outputs.
 fn run_job<T: Real>(
     p: &Problem<T>,
@@ -334,9 +354,12 @@ fn run_job<T: Real>(
     job: &Job,
     outs: &mut [&mut [T]],
     parallel_sort: bool,
+    ws: &mut Workspace<T>,
 ) -> JobSums {
     let s_n = p.spatial;
-    let mut keys: Vec<T::Packed> = Vec::with_capacity(images.len() * s_n);
+    let keys = &mut ws.keys;
+    keys.clear();
+    keys.reserve(images.len() * s_n);
     for (li, b) in images.clone().enumerate() {
         let x = &p.data[(b * p.channels + job.channel) * s_n..][..s_n];
         let labels = &p.labels[b * s_n..][..s_n];
@@ -353,20 +376,22 @@ fn run_job<T: Real>(
     if keys.is_empty() {
         return sums;
     }
-    T::sort(&mut keys, parallel_sort);
+    T::sort(keys, &mut ws.scratch, parallel_sort);
     // Everything the outputs need is in the keys, so one walk writes them. A single image
     // is written in place; several go through one compact buffer (random writes stay in
     // one allocation) and are then copied out.
-    let mut buffer = Vec::new();
+    let several = outs.len() > 1;
+    let buffer = &mut ws.buffer;
     let target: &mut [T] = match outs {
         [single] => single,
         _ => {
-            buffer = vec![T::zero(); images.len() * s_n];
-            &mut buffer
+            buffer.clear();
+            buffer.resize(images.len() * s_n, T::zero());
+            buffer
         }
     };
     let mut walk = JaccardWalk::new(job.gts);
-    for key in keys {
+    for &key in keys.iter() {
         let (idx, slope, fg) = T::unpack(key);
         let w = T::from_f64(walk.step(fg) * job.scale);
         target[idx] = match p.output {
@@ -380,8 +405,8 @@ fn run_job<T: Real>(
             }
         };
     }
-    if !buffer.is_empty() {
-        for (out, chunk) in outs.iter_mut().zip(buffer.chunks(s_n)) {
+    if several {
+        for (out, chunk) in outs.iter_mut().zip(ws.buffer.chunks(s_n)) {
             out.copy_from_slice(chunk);
         }
     }
