@@ -1,0 +1,547 @@
+//! The command line: `train`, `compare`, `eval` and `predict`, every flag documented
+//! (the doc comments are the `--help` text, hence plain `<dataset>` and `[:LEN]`).
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use datasets::{Dataset, Split};
+use tracing::info;
+
+use crate::checkpoint::{write_json, MODEL_FILE};
+use crate::data::{open_split, DataSpec};
+use crate::device::{device_name, DeviceChoice};
+use crate::eval::{check_compatible, confusion, percent, EvalReport};
+use crate::model::{Norm, UNet};
+use crate::optim::AdamWConfig;
+use crate::train::{LovaszClasses, Outcome, RunConfig, RunOptions, Schedule, TrainConfig, Trainer};
+use crate::{compare, visualise, Error, Result};
+
+/// Train a U-Net with cross-entropy, then fine-tune it with cross-entropy + λ·Lovász-Softmax
+/// (Berman et al., CVPR 2018), on embedded brain MRI slices or your own data.
+#[derive(Debug, Parser)]
+#[command(name = "unet-example", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a U-Net (default: the brain slices, CE then CE + Lovász fine-tuning).
+    Train(TrainArgs),
+    /// Compare CE only, CE → CE+Lovász fine-tuning, and CE+Lovász from the start on the
+    /// test split, over one or more seeds.
+    Compare(CompareArgs),
+    /// Evaluate a trained run: confusion matrix, per-class IoU, mIoU, pixel accuracy.
+    Eval(EvalArgs),
+    /// Write colourised predictions: a grid for a data-set split, or the mask of one image.
+    Predict(PredictArgs),
+}
+
+/// Options that define what is trained (shared by `train` and `compare`).
+#[derive(Debug, Clone, Args)]
+#[group(id = "training", multiple = true)]
+pub struct TrainingArgs {
+    /// Data set: brain (embedded MRI slices), shapes[:SIZE[:LEN]] (synthetic),
+    /// folder:PATH (images/ + masks/, or train/ val/ [test/] sub-folders of those) or
+    /// voc:PATH (a Pascal VOC 2012 VOC2012 folder).
+    #[arg(long, default_value = "brain")]
+    pub dataset: String,
+    /// Number of classes: required for folder:PATH, checked against the other data sets.
+    #[arg(long)]
+    pub num_classes: Option<usize>,
+    /// Total number of epochs.
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    pub epochs: usize,
+    /// Epochs of the fine-tuning phase: the last N epochs of ce-then-finetune (and of
+    /// compare's variant b) optimise CE + λ·Lovász; the first epochs - N optimise CE.
+    #[arg(long, default_value_t = TrainConfig::default().finetune_epochs)]
+    pub finetune_epochs: usize,
+    /// Peak learning rate, decayed to 0 by a cosine over all epochs (per step).
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    pub lr: f64,
+    /// Learning rate of the fine-tuning phase: restarts a cosine from this value over the
+    /// fine-tuning epochs. Default: the main schedule continues.
+    #[arg(long)]
+    pub finetune_lr: Option<f64>,
+    /// λ, the weight of the Lovász-Softmax loss.
+    #[arg(long = "lambda", default_value_t = TrainConfig::default().lovasz_weight)]
+    pub lovasz_weight: f64,
+    /// Weight of cross-entropy in the combined loss (CE_WEIGHT·CE + λ·Lovász).
+    #[arg(long, default_value_t = TrainConfig::default().ce_weight)]
+    pub ce_weight: f64,
+    /// Lovász-Softmax per image, averaged over the batch (default: over the whole batch).
+    #[arg(long)]
+    pub per_image: bool,
+    /// Classes the Lovász-Softmax averages over.
+    #[arg(long, value_enum, default_value_t = LovaszClasses::Present)]
+    pub lovasz_classes: LovaszClasses,
+    /// AdamW weight decay (decoupled).
+    #[arg(long, default_value_t = AdamWConfig::default().weight_decay)]
+    pub weight_decay: f64,
+    /// Images per training batch.
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Random training crop HxW (e.g. 256x256; needed for data sets whose images differ in
+    /// size). Default: whole images.
+    #[arg(long, value_parser = parse_size)]
+    pub crop: Option<(usize, usize)>,
+    /// Probability of a horizontal flip in training.
+    #[arg(long, default_value_t = TrainConfig::default().hflip)]
+    pub hflip: f32,
+    /// Scale jitter MIN,MAX in training (with the crop back to size, also a random shift);
+    /// 1,1 for none.
+    #[arg(long, value_parser = parse_range, default_value = "0.9,1.1")]
+    pub scale: (f32, f32),
+    /// Seed of the initial weights, the data order and the augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// U-Net depth: resolution levels (the input is pooled depth - 1 times).
+    #[arg(long, default_value_t = TrainConfig::default().depth)]
+    pub depth: usize,
+    /// Channels of the first level (doubled at each level down).
+    #[arg(long, default_value_t = TrainConfig::default().base_width)]
+    pub base_width: usize,
+    /// Normalisation: batch, group (4 groups) or group:G.
+    #[arg(long, default_value = "batch", value_parser = parse_norm)]
+    pub norm: Norm,
+}
+
+impl TrainingArgs {
+    /// The training configuration for `schedule`.
+    pub fn config(&self, schedule: Schedule) -> TrainConfig {
+        TrainConfig {
+            dataset: self.dataset.clone(),
+            num_classes: self.num_classes,
+            schedule,
+            epochs: self.epochs,
+            finetune_epochs: self.finetune_epochs,
+            lr: self.lr,
+            finetune_lr: self.finetune_lr,
+            lovasz_weight: self.lovasz_weight,
+            ce_weight: self.ce_weight,
+            per_image: self.per_image,
+            lovasz_classes: self.lovasz_classes,
+            batch_size: self.batch_size,
+            crop: self.crop,
+            hflip: self.hflip,
+            scale: self.scale,
+            seed: self.seed,
+            adamw: AdamWConfig {
+                weight_decay: self.weight_decay,
+                ..Default::default()
+            },
+            depth: self.depth,
+            base_width: self.base_width,
+            norm: self.norm,
+        }
+    }
+}
+
+/// Options of every command that runs the model.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// Device: auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal. CUDA and
+    /// Metal need a build with `--features cuda` or `--features metal`.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceChoice,
+    /// No progress bars (logs only; set RUST_LOG=warn to silence those too).
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub training: TrainingArgs,
+    /// Loss schedule: ce-then-finetune (CE, then CE + λ·Lovász for the last
+    /// --finetune-epochs), ce, lovasz (λ·Lovász only) or combined (CE + λ·Lovász throughout).
+    #[arg(long, value_enum, default_value_t = Schedule::CeThenFinetune)]
+    pub schedule: Schedule,
+    /// Output folder. Default: runs/<dataset>-<schedule>-seed<seed>.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Continue the interrupted run in DIR (its config.json fixes every training option).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["training", "schedule", "output", "overwrite"])]
+    pub resume: Option<PathBuf>,
+    /// Start over in an output folder that already holds a run (deletes its files).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Stop after N epochs of this invocation, leaving a run to continue with --resume.
+    #[arg(long, value_name = "N")]
+    pub stop_after_epochs: Option<usize>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// `compare`.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub training: TrainingArgs,
+    /// Number of seeds (--seed, --seed + 1, ...): mean ± std and paired differences.
+    #[arg(long, default_value_t = 1)]
+    pub seeds: usize,
+    /// Output folder (one sub-folder per seed and variant, compare.md, compare.json).
+    #[arg(long, short, default_value = "runs/compare")]
+    pub output: PathBuf,
+    /// Start over in output folders that already hold runs.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// `eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A run folder written by train (config.json + model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// Split to evaluate: val or test.
+    #[arg(long, default_value = "test", value_parser = parse_split)]
+    pub split: Split,
+    /// Evaluate on another data set than the run's (same class count and channels).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Number of classes of --dataset folder:PATH (default: the model's).
+    #[arg(long)]
+    pub num_classes: Option<usize>,
+    /// Print the report as JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Where to write the JSON report. Default: DIR/eval-<split>.json.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// `predict`.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// A run folder written by train (config.json + model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// One image file (PNG or JPEG) to segment; writes its mask instead of a grid.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Output PNG. Default: DIR/predictions-<split>.png for a grid, <input>.mask.png for
+    /// an image.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Split shown in the grid: val or test.
+    #[arg(long, default_value = "val", value_parser = parse_split)]
+    pub split: Split,
+    /// Number of images in the grid (spread evenly over the split).
+    #[arg(long, default_value_t = 8)]
+    pub count: usize,
+    /// Data set of the grid instead of the run's (same class count and channels).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Number of classes of --dataset folder:PATH (default: the model's).
+    #[arg(long)]
+    pub num_classes: Option<usize>,
+    /// With --input: write class indices as 8-bit grey values instead of colours.
+    #[arg(long, requires = "input")]
+    pub index: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+fn parse_size(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (h, w) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?} is not HxW (e.g. 256x256)"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{s:?} is not HxW"))
+    };
+    Ok((num(h)?, num(w)?))
+}
+
+fn parse_range(s: &str) -> std::result::Result<(f32, f32), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?} is not MIN,MAX (e.g. 0.9,1.1)"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<f32>()
+            .map_err(|_| format!("{s:?} is not MIN,MAX"))
+    };
+    Ok((num(a)?, num(b)?))
+}
+
+fn parse_norm(s: &str) -> std::result::Result<Norm, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+fn parse_split(s: &str) -> std::result::Result<Split, String> {
+    s.parse().map_err(|e: datasets::Error| e.to_string())
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train(args),
+        Command::Compare(args) => compare_cmd(args),
+        Command::Eval(args) => eval(args),
+        Command::Predict(args) => predict(args),
+    }
+}
+
+fn options(runtime: &RuntimeArgs) -> RunOptions {
+    RunOptions {
+        progress: !runtime.quiet,
+        ..Default::default()
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let device = args.runtime.device.open()?;
+    let mut options = options(&args.runtime);
+    options.stop_after_epochs = args.stop_after_epochs;
+    options.overwrite = args.overwrite;
+    let mut trainer = match &args.resume {
+        Some(dir) => Trainer::resume(dir, &device, options)?,
+        None => {
+            let cfg = args.training.config(args.schedule);
+            let out = args.output.clone().unwrap_or_else(|| default_output(&cfg));
+            let t = Trainer::new(cfg, &device, Some(&out), options)?;
+            info!(
+                "training a {}-parameter U-Net on {} ({}), writing to {}",
+                t.model().num_parameters(),
+                t.config().train.dataset,
+                device_name(&device),
+                out.display()
+            );
+            t
+        }
+    };
+    let dir = trainer.output().map(Path::to_path_buf).unwrap_or_default();
+    match trainer.run()? {
+        Outcome::Finished(summary) => {
+            println!("{}", summary.test.table());
+            for st in &summary.step_seconds {
+                println!(
+                    "{:>10}: {:.3} s/step over {} steps",
+                    st.phase.name(),
+                    st.seconds,
+                    st.steps
+                );
+            }
+            println!(
+                "test mIoU {}% after {} epochs ({:.0} s); files in {}",
+                percent(summary.test.mean_iou),
+                summary.epochs,
+                summary.train_seconds,
+                dir.display()
+            );
+        }
+        Outcome::Stopped { epoch } | Outcome::Interrupted { epoch } => {
+            println!(
+                "stopped after epoch {epoch}; continue with: unet-example train --resume {}",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `runs/<dataset kind>-<schedule>-seed<seed>`.
+pub fn default_output(cfg: &TrainConfig) -> PathBuf {
+    let kind = cfg.dataset.split(':').next().unwrap_or("data");
+    PathBuf::from("runs").join(format!("{kind}-{}-seed{}", cfg.schedule.name(), cfg.seed))
+}
+
+fn compare_cmd(args: CompareArgs) -> Result<()> {
+    let device = args.runtime.device.open()?;
+    let mut options = options(&args.runtime);
+    options.overwrite = args.overwrite;
+    let base = args.training.config(Schedule::CeThenFinetune);
+    base.validate()?;
+    let report = compare::compare(&base, args.seeds, &device, &args.output, &options)?;
+    info!(
+        "compare done in {:.0} s: {}",
+        report.wall_seconds,
+        args.output.join("compare.md").display()
+    );
+    Ok(())
+}
+
+/// Reads a run folder's configuration and weights onto `device`.
+pub fn load_run(dir: &Path, device: &candle::Device) -> Result<(RunConfig, UNet)> {
+    let run = RunConfig::read(dir)?;
+    let model = UNet::new(&run.model, 0, device)?;
+    model.load(&dir.join(MODEL_FILE))?;
+    Ok((run, model))
+}
+
+fn dataset_for(
+    run: &RunConfig,
+    dataset: &Option<String>,
+    num_classes: Option<usize>,
+    split: Split,
+) -> Result<std::sync::Arc<dyn Dataset>> {
+    let (spec, k) = match dataset {
+        Some(s) => (
+            s.parse::<DataSpec>()?,
+            num_classes.or(Some(run.model.num_classes)),
+        ),
+        None => (
+            run.train.dataset.parse::<DataSpec>()?,
+            run.train.num_classes,
+        ),
+    };
+    let k = match spec {
+        // Shapes take any class count: generate the model's.
+        DataSpec::Shapes { .. } => k.or(Some(run.model.num_classes)),
+        _ => k,
+    };
+    open_split(&spec, split, k)
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let device = args.runtime.device.open()?;
+    let (run, model) = load_run(&args.checkpoint, &device)?;
+    let ds = dataset_for(&run, &args.dataset, args.num_classes, args.split)?;
+    check_compatible(&model, &*ds)?;
+    let cm = confusion(&model, &*ds, &run.normalisation, args.batch_size)?;
+    let report = EvalReport::new(&cm, &run.data.class_names, args.split.name(), ds.len());
+    let out = args
+        .output
+        .clone()
+        .unwrap_or_else(|| args.checkpoint.join(format!("eval-{}.json", args.split)));
+    write_json(&out, &report)?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::json(&out, e))?;
+        println!("{text}");
+    } else {
+        println!("{}", report.table());
+        println!("confusion matrix (rows: ground truth, columns: prediction)");
+        println!("{}", report.confusion_table());
+        println!("JSON report: {}", out.display());
+    }
+    Ok(())
+}
+
+fn predict(args: PredictArgs) -> Result<()> {
+    let device = args.runtime.device.open()?;
+    let (run, model) = load_run(&args.checkpoint, &device)?;
+    if let Some(input) = &args.input {
+        let sample = visualise::read_image(input, run.model.in_channels)?;
+        let out = args
+            .output
+            .clone()
+            .unwrap_or_else(|| input.with_extension("mask.png"));
+        let pred = visualise::write_mask(
+            &model,
+            &sample,
+            &run.normalisation,
+            &run.data.palette,
+            args.index,
+            &out,
+        )?;
+        let mut counts = vec![0usize; run.model.num_classes];
+        for &c in &pred {
+            if let Some(n) = counts.get_mut(c as usize) {
+                *n += 1;
+            }
+        }
+        println!(
+            "wrote {} ({}x{})",
+            out.display(),
+            sample.width,
+            sample.height
+        );
+        for (name, n) in run.data.class_names.iter().zip(counts) {
+            if n > 0 {
+                println!(
+                    "{name:>16}: {:5.1}%",
+                    100.0 * n as f64 / pred.len().max(1) as f64
+                );
+            }
+        }
+        return Ok(());
+    }
+    let ds = dataset_for(&run, &args.dataset, args.num_classes, args.split)?;
+    check_compatible(&model, &*ds)?;
+    let out = args.output.clone().unwrap_or_else(|| {
+        args.checkpoint
+            .join(format!("predictions-{}.png", args.split))
+    });
+    let indices = crate::train::spread(ds.len(), args.count);
+    visualise::prediction_grid(
+        &model,
+        &*ds,
+        &indices,
+        &run.normalisation,
+        &run.data.palette,
+        &out,
+    )?;
+    println!(
+        "wrote {} (rows: {} {} images; columns: image | ground truth | prediction)",
+        out.display(),
+        indices.len(),
+        args.split
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_parsers() {
+        assert_eq!(parse_size("256x128"), Ok((256, 128)));
+        assert!(parse_size("256").is_err());
+        assert_eq!(parse_range("0.9,1.1"), Ok((0.9, 1.1)));
+        assert!(parse_range("x").is_err());
+        assert!(parse_device("tpu").is_err());
+        assert_eq!(parse_norm("group:2"), Ok(Norm::Group { groups: 2 }));
+    }
+
+    #[test]
+    fn defaults_match_train_config() {
+        let cli = Cli::try_parse_from(["unet-example", "train"]).unwrap();
+        let Command::Train(args) = cli.command else {
+            panic!("not train")
+        };
+        assert_eq!(args.training.config(args.schedule), TrainConfig::default());
+        assert_eq!(
+            default_output(&TrainConfig::default()),
+            PathBuf::from("runs/brain-ce-then-finetune-seed0")
+        );
+    }
+
+    #[test]
+    fn resume_conflicts_with_training_flags() {
+        assert!(Cli::try_parse_from(["unet-example", "train", "--resume", "x"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["unet-example", "train", "--resume", "x", "--epochs", "3"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from([
+            "unet-example",
+            "train",
+            "--resume",
+            "x",
+            "--stop-after-epochs",
+            "1"
+        ])
+        .is_ok());
+    }
+}

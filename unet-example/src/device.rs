@@ -1,0 +1,156 @@
+//! `--device auto|cpu|cuda[:N]|metal`: parsing the choice and opening the device, with an
+//! error that names the cargo feature when the binary was built without it.
+
+use std::str::FromStr;
+
+use candle::Device;
+
+use crate::{Error, Result};
+
+/// Where to run the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// CUDA device 0 if available, else Metal, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA device `N` (needs the `cuda` feature).
+    Cuda(usize),
+    /// The Metal device (needs the `metal` feature).
+    Metal,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+            "metal" | "mps" => Ok(DeviceChoice::Metal),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceChoice::Cuda(n)),
+                _ => Err(Error::Usage(format!(
+                    "unknown device {s:?}: expected auto, cpu, cuda, cuda:N or metal"
+                ))),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceChoice::Metal => f.write_str("metal"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// Opens the device. `Auto` falls back silently; an explicit CUDA or Metal choice
+    /// that cannot be honoured is an [`Error::DeviceUnavailable`] naming the feature to
+    /// build with, or the driver's error.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Auto => {
+                if candle::utils::cuda_is_available() {
+                    if let Ok(dev) = Device::new_cuda(0) {
+                        return Ok(dev);
+                    }
+                }
+                if candle::utils::metal_is_available() {
+                    if let Ok(dev) = Device::new_metal(0) {
+                        return Ok(dev);
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+            DeviceChoice::Cuda(n) => {
+                if !candle::utils::cuda_is_available() {
+                    return Err(Error::DeviceUnavailable(format!(
+                        "cuda:{n} was requested but this binary was built without CUDA support; rebuild with `--features cuda` (e.g. `cargo run --release -p unet-example --features cuda -- ...`)"
+                    )));
+                }
+                Device::new_cuda(n).map_err(|e| {
+                    Error::DeviceUnavailable(format!("cannot open CUDA device {n}: {e}"))
+                })
+            }
+            DeviceChoice::Metal => {
+                if !candle::utils::metal_is_available() {
+                    return Err(Error::DeviceUnavailable(
+                        "metal was requested but this binary was built without Metal support; rebuild with `--features metal` on macOS".to_string(),
+                    ));
+                }
+                Device::new_metal(0).map_err(|e| {
+                    Error::DeviceUnavailable(format!("cannot open the Metal device: {e}"))
+                })
+            }
+        }
+    }
+}
+
+/// Makes candle run its element-wise CPU kernels on the calling thread, unless
+/// `CANDLE_NUM_THREADS` is set. Call it first thing in `main`, before any thread starts.
+///
+/// candle 0.11 splits element-wise ops over a pool of spinning worker threads. On this
+/// project's 2-core machines, shared with other jobs, a descheduled worker leaves the
+/// main thread spinning: a training step of the default U-Net took ~1 s instead of
+/// ~0.18 s (measured). Matrix products and the Lovász sorts still use every core (rayon).
+pub fn limit_elementwise_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+/// A short name of an opened device for logs and summaries.
+pub fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", candle::utils::get_num_threads()),
+        Device::Cuda(_) => "cuda".to_string(),
+        Device::Metal(_) => "metal".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_names() {
+        assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
+        assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert_eq!(
+            "cuda".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Cuda(0)
+        );
+        assert_eq!(
+            "cuda:2".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Cuda(2)
+        );
+        assert_eq!(
+            "metal".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Metal
+        );
+        assert!("tpu".parse::<DeviceChoice>().is_err());
+        assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_names_it() {
+        let err = DeviceChoice::Cuda(0).open().unwrap_err().to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+
+    #[test]
+    fn auto_always_opens_something() {
+        assert!(DeviceChoice::Auto.open().is_ok());
+    }
+}

@@ -1,0 +1,40 @@
+//! A U-Net in [candle](https://github.com/huggingface/candle) trained with cross-entropy
+//! and then fine-tuned with cross-entropy + λ·Lovász-Softmax, the recipe of the paper's
+//! FAQ ("optimize with cross-entropy first and fine-tune with the Lovász loss, or combine
+//! the two"), on embedded brain MRI slices by default.
+//!
+//! The binary (`unet-example train | compare | eval | predict`) is a thin layer over this
+//! library, so tests drive the same code:
+//!
+//! - [`model`]: the U-Net (depth, width, batch or group norm, transposed-conv up path);
+//! - [`layers`]: its convolutions and norms in a channel-first layout, fast on a CPU;
+//! - [`optim`]: AdamW with exportable moments and the cosine schedule;
+//! - [`train`]: the loss schedule, the epoch loop, checkpoints and resumption;
+//! - [`compare`]: CE vs CE → CE+Lovász vs CE+Lovász on the test split, over seeds;
+//! - [`eval`], [`visualise`], [`plot`]: metrics, prediction images and curves;
+//! - [`checkpoint`]: the run folder's files, written atomically;
+//! - [`data`], [`device`], [`cli`]: data set and device choice, the command line.
+//!
+//! ```no_run
+//! use unet_example::train::{RunOptions, TrainConfig, Trainer};
+//! let cfg = TrainConfig { dataset: "shapes:32:64".into(), epochs: 4, finetune_epochs: 2, ..Default::default() };
+//! let mut trainer = Trainer::new(cfg, &candle::Device::Cpu, Some("runs/demo".as_ref()), RunOptions::default())?;
+//! trainer.run()?;
+//! # Ok::<(), unet_example::Error>(())
+//! ```
+
+pub mod checkpoint;
+pub mod cli;
+pub mod compare;
+pub mod data;
+pub mod device;
+mod error;
+pub mod eval;
+pub mod layers;
+pub mod model;
+pub mod optim;
+pub mod plot;
+pub mod train;
+pub mod visualise;
+
+pub use error::{Error, Result};

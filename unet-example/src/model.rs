@@ -1,0 +1,617 @@
+//! The U-Net (Ronneberger et al., 2015): `depth` levels of conv–norm–ReLU pairs,
+//! max-pooling down, 2×2 transposed convolutions up, skip connections by concatenation,
+//! and a 1×1 convolution to class logits at the input resolution. The layers are those
+//! of [`crate::layers`]; parameters live in a candle-nn [`VarMap`] under candle-nn's names
+//! (`down.0.conv1.weight`, `down.0.norm1.running_var`, `up.2.upconv.bias`, `head.weight`).
+//!
+//! Weights are drawn from a seeded generator (candle's own initialisers are not
+//! seedable), so a seed fixes the initial model on every run and every device.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use candle::{DType, Device, Shape, Tensor, Var};
+use candle_nn::{Init, VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::write_atomically;
+use crate::layers::{conv1x1, conv3x3, conv_transpose2x2, max_pool2x2, BatchNorm, GroupNorm};
+use crate::{Error, Result};
+
+/// The normalisation after each convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Norm {
+    /// Batch normalisation: batch statistics in training, running statistics (saved in
+    /// the checkpoint) in evaluation.
+    Batch,
+    /// Group normalisation with this many groups (must divide every width); no running
+    /// statistics, the same computation in training and evaluation.
+    Group {
+        /// Number of channel groups.
+        groups: usize,
+    },
+}
+
+impl std::str::FromStr for Norm {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "batch" | "bn" => Ok(Norm::Batch),
+            "group" | "gn" => Ok(Norm::Group { groups: 4 }),
+            other => match other.strip_prefix("group:").map(str::parse::<usize>) {
+                Some(Ok(groups)) => Ok(Norm::Group { groups }),
+                _ => Err(Error::Usage(format!(
+                    "unknown normalisation {s:?}: expected batch, group or group:G"
+                ))),
+            },
+        }
+    }
+}
+
+/// The shape of a [`UNet`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UNetConfig {
+    /// Image channels of the input (1 for the brain slices, 3 for RGB).
+    pub in_channels: usize,
+    /// Number of classes `C` of the output logits.
+    pub num_classes: usize,
+    /// Number of resolution levels (the input is pooled `depth - 1` times), at least 1.
+    pub depth: usize,
+    /// Channels of the first level; level `i` has `base_width · 2^i`.
+    pub base_width: usize,
+    /// Normalisation after each convolution.
+    pub norm: Norm,
+}
+
+impl Default for UNetConfig {
+    /// The pilot's network: widths 8/16/32/64, batch norm, 1 channel, 15 classes.
+    fn default() -> Self {
+        UNetConfig {
+            in_channels: 1,
+            num_classes: 15,
+            depth: 4,
+            base_width: 8,
+            norm: Norm::Batch,
+        }
+    }
+}
+
+impl UNetConfig {
+    /// Checks the options: positive sizes, a depth of at most 8, group counts that divide
+    /// every width.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Usage(m));
+        if self.in_channels == 0 || self.num_classes < 2 {
+            return bad(format!(
+                "the model needs at least 1 input channel and 2 classes, got {} and {}",
+                self.in_channels, self.num_classes
+            ));
+        }
+        if !(1..=8).contains(&self.depth) {
+            return bad(format!("depth {} is not in 1..=8", self.depth));
+        }
+        if self.base_width == 0 {
+            return bad("base width must be at least 1".to_string());
+        }
+        if let Norm::Group { groups } = self.norm {
+            if groups == 0 || self.base_width % groups != 0 {
+                return bad(format!(
+                    "group norm with {groups} groups needs a base width divisible by {groups}, got {}",
+                    self.base_width
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Channels of level `i`.
+    pub fn width(&self, level: usize) -> usize {
+        self.base_width << level
+    }
+
+    /// Image sides must be multiples of this (`2^(depth - 1)`).
+    pub fn size_multiple(&self) -> usize {
+        1 << (self.depth - 1)
+    }
+}
+
+enum NormLayer {
+    Batch(BatchNorm),
+    Group(GroupNorm),
+}
+
+impl NormLayer {
+    fn new(norm: Norm, channels: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        Ok(match norm {
+            Norm::Batch => {
+                let stat = |name: &str, v: f64| -> Result<Var> {
+                    let t = vb.get_with_hints(channels, name, Init::Const(v))?;
+                    Ok(Var::from_tensor(&t)?)
+                };
+                NormLayer::Batch(BatchNorm {
+                    weight,
+                    bias,
+                    running_mean: stat("running_mean", 0.0)?,
+                    running_var: stat("running_var", 1.0)?,
+                })
+            }
+            Norm::Group { groups } => NormLayer::Group(GroupNorm {
+                groups,
+                weight,
+                bias,
+            }),
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle::Result<Tensor> {
+        match self {
+            NormLayer::Batch(bn) => bn.forward_t(x, train),
+            NormLayer::Group(gn) => gn.forward(x),
+        }
+    }
+}
+
+/// Two 3×3 conv–norm–ReLU layers.
+struct ConvBlock {
+    conv1: Tensor,
+    norm1: NormLayer,
+    conv2: Tensor,
+    norm2: NormLayer,
+}
+
+/// A 3×3 kernel `[cout, cin, 3, 3]`, initialised like candle-nn's `conv2d` (Kaiming
+/// normal). No bias: the normalisation that follows removes it.
+fn conv_weight(cin: usize, cout: usize, vb: VarBuilder) -> Result<Tensor> {
+    Ok(vb.get_with_hints(
+        (cout, cin, 3, 3),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?)
+}
+
+impl ConvBlock {
+    fn new(cin: usize, cout: usize, norm: Norm, vb: VarBuilder) -> Result<Self> {
+        Ok(ConvBlock {
+            conv1: conv_weight(cin, cout, vb.pp("conv1"))?,
+            norm1: NormLayer::new(norm, cout, vb.pp("norm1"))?,
+            conv2: conv_weight(cout, cout, vb.pp("conv2"))?,
+            norm2: NormLayer::new(norm, cout, vb.pp("norm2"))?,
+        })
+    }
+
+    /// `[cin, B, H, W]` → `[cout, B, H, W]`.
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle::Result<Tensor> {
+        let x = self
+            .norm1
+            .forward_t(&conv3x3(x, &self.conv1)?, train)?
+            .relu()?;
+        self.norm2
+            .forward_t(&conv3x3(&x, &self.conv2)?, train)?
+            .relu()
+    }
+}
+
+/// A 2×2 stride-2 transposed convolution's weight `[cin, cout, 2, 2]` and bias.
+struct UpConv {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+/// A U-Net whose parameters live in a [`VarMap`] (batch-norm running statistics
+/// included, so saving the map saves them). Internally activations are `[C, B, H, W]`
+/// (see [`crate::layers`]); inputs and outputs are the usual `[B, C, H, W]`.
+pub struct UNet {
+    cfg: UNetConfig,
+    varmap: VarMap,
+    down: Vec<ConvBlock>,
+    up: Vec<(UpConv, ConvBlock)>,
+    head: (Tensor, Tensor),
+    device: Device,
+}
+
+impl UNet {
+    /// A freshly initialised network on `device`, its weights drawn from `seed`
+    /// (candle-nn's initialisation rules: Kaiming normal for 3×3 kernels, uniform
+    /// ±1/√fan-in for the transposed convolutions and the head).
+    pub fn new(cfg: &UNetConfig, seed: u64, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let varmap = VarMap::new();
+        let backend = SeededInit {
+            varmap: varmap.clone(),
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+        };
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
+        let mut down = Vec::with_capacity(cfg.depth);
+        for level in 0..cfg.depth {
+            let cin = if level == 0 {
+                cfg.in_channels
+            } else {
+                cfg.width(level - 1)
+            };
+            down.push(ConvBlock::new(
+                cin,
+                cfg.width(level),
+                cfg.norm,
+                vb.pp(format!("down.{level}")),
+            )?);
+        }
+        let mut up = Vec::with_capacity(cfg.depth.saturating_sub(1));
+        for level in (0..cfg.depth - 1).rev() {
+            let vb = vb.pp(format!("up.{level}"));
+            let (wide, narrow) = (cfg.width(level + 1), cfg.width(level));
+            let bound = 1.0 / (narrow as f64).sqrt() / 2.0;
+            let init = Init::Uniform {
+                lo: -bound,
+                up: bound,
+            };
+            let upconv = UpConv {
+                weight: vb
+                    .pp("upconv")
+                    .get_with_hints((wide, narrow, 2, 2), "weight", init)?,
+                bias: vb.pp("upconv").get_with_hints(narrow, "bias", init)?,
+            };
+            let block = ConvBlock::new(2 * narrow, narrow, cfg.norm, vb.pp("block"))?;
+            up.push((upconv, block));
+        }
+        let (cin, k) = (cfg.width(0), cfg.num_classes);
+        let bound = 1.0 / (cin as f64).sqrt();
+        let head_w = vb.pp("head").get_with_hints(
+            (k, cin, 1, 1),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let head_b = vb.pp("head").get_with_hints(
+            k,
+            "bias",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        Ok(UNet {
+            cfg: cfg.clone(),
+            varmap,
+            down,
+            up,
+            head: (head_w, head_b),
+            device: device.clone(),
+        })
+    }
+
+    /// The network's configuration.
+    pub fn config(&self) -> &UNetConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Logits `[B, C, H, W]` f32 of images `[B, in_channels, H, W]` f32, `H` and `W`
+    /// multiples of [`UNetConfig::size_multiple`]. `train` selects batch statistics (and
+    /// updates the running ones) instead of the running statistics.
+    pub fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, c, h, w) = images.dims4()?;
+        if c != self.cfg.in_channels {
+            return Err(Error::ChannelMismatch {
+                data: c,
+                model: self.cfg.in_channels,
+            });
+        }
+        let m = self.cfg.size_multiple();
+        if h % m != 0 || w % m != 0 {
+            return Err(Error::Usage(format!(
+                "a U-Net of depth {} needs image sides that are multiples of {m}, got {h}x{w} (set --crop, or use predict which pads)",
+                self.cfg.depth
+            )));
+        }
+        let mut skips = Vec::with_capacity(self.cfg.depth);
+        // Channel-first [C, B, H, W] inside (see crate::layers).
+        let mut x = images.transpose(0, 1)?.contiguous()?;
+        for (level, block) in self.down.iter().enumerate() {
+            x = block.forward_t(&x, train)?;
+            if level + 1 < self.cfg.depth {
+                skips.push(x.clone());
+                x = max_pool2x2(&x)?;
+            }
+        }
+        for (upconv, block) in &self.up {
+            let skip = skips
+                .pop()
+                .ok_or_else(|| candle::Error::Msg("U-Net skip stack underflow".into()))?;
+            let x_up = conv_transpose2x2(&x, &upconv.weight, &upconv.bias)?;
+            x = block.forward_t(&Tensor::cat(&[&skip, &x_up], 0)?, train)?;
+        }
+        let logits = conv1x1(&x, &self.head.0, &self.head.1)?;
+        Ok(logits.transpose(0, 1)?.contiguous()?)
+    }
+
+    /// Class predictions u32 `[B, H, W]` (argmax of the evaluation-mode logits) for
+    /// images `[B, in_channels, H, W]` of any size: inputs are zero-padded at the bottom
+    /// and right to a multiple of [`UNetConfig::size_multiple`] and the result cropped
+    /// back.
+    pub fn predict(&self, images: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = images.dims4()?;
+        let m = self.cfg.size_multiple();
+        let (ph, pw) = (h.div_ceil(m) * m, w.div_ceil(m) * m);
+        let padded = images
+            .pad_with_zeros(2, 0, ph - h)?
+            .pad_with_zeros(3, 0, pw - w)?;
+        let logits = self.forward_t(&padded, false)?;
+        Ok(logits
+            .narrow(2, 0, h)?
+            .narrow(3, 0, w)?
+            .argmax(1)?
+            .to_dtype(DType::U32)?)
+    }
+
+    /// Every tensor of the model by name: trainable weights and batch-norm running
+    /// statistics, sorted by name.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let data = lock(&self.varmap);
+        let mut vars: Vec<(String, Var)> =
+            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// The tensors the optimiser updates (all but the running statistics), by name.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.named_vars()
+            .into_iter()
+            .filter(|(name, _)| !is_running_stat(name))
+            .collect()
+    }
+
+    /// The number of trainable scalars.
+    pub fn num_parameters(&self) -> usize {
+        self.trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    }
+
+    /// A copy of every tensor, by name (for snapshots and checkpoints).
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        self.named_vars()
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.as_tensor().copy()?)))
+            .collect()
+    }
+
+    /// Overwrites every tensor from `tensors`, which must hold exactly the model's names
+    /// with the model's shapes; `source` names where they came from for the error.
+    pub fn set_tensors(&self, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+        let vars = self.named_vars();
+        let mismatch = |detail: String| Error::CheckpointMismatch {
+            path: source.to_path_buf(),
+            detail,
+        };
+        for (name, var) in &vars {
+            let t = tensors.get(name).ok_or_else(|| {
+                mismatch(format!(
+                    "tensor {name} of shape {:?} is missing (was it trained with another depth or width?)",
+                    var.dims()
+                ))
+            })?;
+            if t.dims() != var.dims() {
+                return Err(mismatch(format!(
+                    "tensor {name} has shape {:?} in the file but {:?} in the model",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+        }
+        if let Some(extra) = tensors
+            .keys()
+            .filter(|k| !vars.iter().any(|(n, _)| n == *k))
+            .min()
+        {
+            return Err(mismatch(format!(
+                "the file has tensor {extra}, which the model does not"
+            )));
+        }
+        for (name, var) in &vars {
+            if let Some(t) = tensors.get(name) {
+                var.set(&t.to_dtype(DType::F32)?.to_device(&self.device)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every tensor to a safetensors file, atomically (temporary file + rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors = self.tensors()?;
+        write_atomically(path, |tmp| Ok(candle::safetensors::save(&tensors, tmp)?))
+    }
+
+    /// Reads a safetensors file written by [`UNet::save`] into this model; an
+    /// [`Error::CheckpointMismatch`] when its tensors do not fit the configuration.
+    pub fn load(&self, path: &Path) -> Result<()> {
+        if !path.is_file() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            ));
+        }
+        let tensors = candle::safetensors::load(path, &Device::Cpu).map_err(|e| {
+            Error::CheckpointMismatch {
+                path: path.to_path_buf(),
+                detail: format!("not a readable safetensors file ({e})"),
+            }
+        })?;
+        self.set_tensors(&tensors, path)
+    }
+}
+
+fn is_running_stat(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
+fn lock(varmap: &VarMap) -> std::sync::MutexGuard<'_, HashMap<String, Var>> {
+    // A poisoned lock only means another thread panicked mid-update; the map is intact.
+    varmap.data().lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A VarBuilder backend that creates missing variables in a [`VarMap`] from a seeded
+/// generator, following candle-nn's initialisation hints.
+struct SeededInit {
+    varmap: VarMap,
+    rng: Mutex<ChaCha8Rng>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for SeededInit {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle::Result<Tensor> {
+        let mut data = lock(&self.varmap);
+        if let Some(var) = data.get(name) {
+            if var.shape() != &shape {
+                candle::bail!("shape mismatch on {name}: {shape:?} <> {:?}", var.shape())
+            }
+            return Ok(var.as_tensor().clone());
+        }
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let values = sample_init(init, &shape, &mut *rng);
+        let var = Var::from_tensor(&Tensor::from_vec(values, shape, dev)?.to_dtype(dtype)?)?;
+        let tensor = var.as_tensor().clone();
+        data.insert(name.to_string(), var);
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle::Result<Tensor> {
+        candle::bail!("the U-Net builder needs a shape for {name}")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        lock(&self.varmap).contains_key(name)
+    }
+}
+
+/// Values of a tensor of `shape` drawn as candle-nn's `Init` describes.
+fn sample_init(init: Init, shape: &Shape, rng: &mut impl Rng) -> Vec<f32> {
+    let n = shape.elem_count();
+    let uniform = |lo: f64, up: f64, rng: &mut dyn FnMut() -> f64| -> Vec<f32> {
+        (0..n).map(|_| (lo + (up - lo) * rng()) as f32).collect()
+    };
+    let mut unit = || rng.random::<f64>();
+    match init {
+        Init::Const(v) => vec![v as f32; n],
+        Init::Uniform { lo, up } => uniform(lo, up, &mut unit),
+        Init::Randn { mean, stdev } => normals(n, mean, stdev, &mut unit),
+        Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+            match dist {
+                candle_nn::init::NormalOrUniform::Uniform => {
+                    let bound = 3f64.sqrt() * std;
+                    uniform(-bound, bound, &mut unit)
+                }
+                candle_nn::init::NormalOrUniform::Normal => normals(n, 0.0, std, &mut unit),
+            }
+        }
+    }
+}
+
+/// `n` normal draws by Box–Muller from uniform draws in `[0, 1)`.
+fn normals(n: usize, mean: f64, std: f64, unit: &mut dyn FnMut() -> f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1 = unit().max(f64::MIN_POSITIVE);
+            let u2 = unit();
+            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            (mean + std * z) as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> UNetConfig {
+        UNetConfig {
+            in_channels: 3,
+            num_classes: 5,
+            depth: 3,
+            base_width: 4,
+            norm: Norm::Batch,
+        }
+    }
+
+    #[test]
+    fn logits_have_input_resolution() {
+        let net = UNet::new(&small(), 0, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 3, 16, 24), &Device::Cpu).unwrap();
+        assert_eq!(net.forward_t(&x, true).unwrap().dims(), &[2, 5, 16, 24]);
+        assert_eq!(net.forward_t(&x, false).unwrap().dims(), &[2, 5, 16, 24]);
+    }
+
+    #[test]
+    fn predict_pads_odd_sizes() {
+        let net = UNet::new(&small(), 0, &Device::Cpu).unwrap();
+        let x = Tensor::zeros((1, 3, 13, 7), DType::F32, &Device::Cpu).unwrap();
+        let p = net.predict(&x).unwrap();
+        assert_eq!(p.dims(), &[1, 13, 7]);
+        assert_eq!(p.dtype(), DType::U32);
+        let err = net.forward_t(&x, false).unwrap_err().to_string();
+        assert!(err.contains("multiples of 4"), "{err}");
+    }
+
+    #[test]
+    fn seed_fixes_the_weights() {
+        let a = UNet::new(&small(), 7, &Device::Cpu)
+            .unwrap()
+            .tensors()
+            .unwrap();
+        let b = UNet::new(&small(), 7, &Device::Cpu)
+            .unwrap()
+            .tensors()
+            .unwrap();
+        let c = UNet::new(&small(), 8, &Device::Cpu)
+            .unwrap()
+            .tensors()
+            .unwrap();
+        let w = "down.1.conv1.weight";
+        let v = |m: &HashMap<String, Tensor>| m[w].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&a), v(&b));
+        assert_ne!(v(&a), v(&c));
+        assert!(a.contains_key("down.0.norm1.running_var"));
+    }
+
+    #[test]
+    fn widths_and_trainable_vars() {
+        let net = UNet::new(&UNetConfig::default(), 0, &Device::Cpu).unwrap();
+        let names: Vec<String> = net.trainable_vars().into_iter().map(|(n, _)| n).collect();
+        assert!(names.iter().all(|n| !n.contains("running")));
+        assert!(names.contains(&"up.2.upconv.weight".to_string()));
+        assert!(net.num_parameters() > 100_000 && net.num_parameters() < 200_000);
+    }
+
+    #[test]
+    fn group_norm_checks_divisibility() {
+        let mut cfg = small();
+        cfg.norm = Norm::Group { groups: 3 };
+        assert!(cfg.validate().is_err());
+        cfg.norm = Norm::Group { groups: 2 };
+        let net = UNet::new(&cfg, 0, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1., (1, 3, 8, 8), &Device::Cpu).unwrap();
+        assert_eq!(net.forward_t(&x, true).unwrap().dims(), &[1, 5, 8, 8]);
+    }
+}
