@@ -237,24 +237,7 @@ mod tests {
     fn smoke_tiny_run_records_every_iteration_and_writes_both_pngs() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let runs = run(&tiny_args(dir.path())?)?;
-        assert_eq!(runs.len(), 3);
-        for r in &runs {
-            assert_eq!(r.loss.len(), 9, "{}", r.name);
-            assert_eq!(r.metric.len(), 9, "{}", r.name);
-            assert!(
-                r.loss.iter().all(|l| l.is_finite()),
-                "{}: {:?}",
-                r.name,
-                r.loss
-            );
-            assert!(
-                r.metric.iter().all(|m| (0.0..=1.0).contains(m)),
-                "{}",
-                r.name
-            );
-            // Every run starts from the same model.
-            assert_eq!(r.initial(), runs[0].initial());
-        }
+        crate::demo_common::training::assert_smoke_runs(&runs, 3, 8);
         let grid = image::open(dir.path().join("demo_binary_grid.png"))?;
         // Five rows (labels, start, three losses) of three 24-pixel images.
         assert_eq!((grid.width(), grid.height()), (190 + 3 * 28, 5 * 28 + 4));

@@ -338,23 +338,7 @@ mod tests {
     fn smoke_tiny_run_records_every_iteration_and_writes_both_pngs() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let runs = run(&tiny_args(dir.path())?)?;
-        assert_eq!(runs.len(), 2);
-        for r in &runs {
-            assert_eq!(r.loss.len(), 9, "{}", r.name);
-            assert_eq!(r.metric.len(), 9, "{}", r.name);
-            assert!(
-                r.loss.iter().all(|l| l.is_finite()),
-                "{}: {:?}",
-                r.name,
-                r.loss
-            );
-            assert!(
-                r.metric.iter().all(|m| (0.0..=1.0).contains(m)),
-                "{}",
-                r.name
-            );
-            assert_eq!(r.initial(), runs[0].initial());
-        }
+        crate::demo_common::training::assert_smoke_runs(&runs, 2, 8);
         let grid = image::open(dir.path().join("demo_multiclass_grid.png"))?;
         // Four rows (labels, start, two losses) of two 24-pixel images.
         assert_eq!((grid.width(), grid.height()), (190 + 2 * 28, 4 * 28 + 4));

@@ -30,6 +30,29 @@ impl History {
     }
 }
 
+/// The checks of the demos' smoke tests: `expected` runs, each with `iters + 1` finite
+/// losses and metrics in `[0, 1]`, all starting from the same model.
+#[cfg(test)]
+pub fn assert_smoke_runs(runs: &[History], expected: usize, iters: usize) {
+    assert_eq!(runs.len(), expected);
+    for r in runs {
+        assert_eq!(r.loss.len(), iters + 1, "{}", r.name);
+        assert_eq!(r.metric.len(), iters + 1, "{}", r.name);
+        assert!(
+            r.loss.iter().all(|l| l.is_finite()),
+            "{}: {:?}",
+            r.name,
+            r.loss
+        );
+        assert!(
+            r.metric.iter().all(|m| (0.0..=1.0).contains(m)),
+            "{}",
+            r.name
+        );
+        assert_eq!(r.initial(), runs[0].initial(), "{}", r.name);
+    }
+}
+
 /// Runs `iters` steps of Adam (AdamW without weight decay) with learning rate `lr` on
 /// `vars`. `evaluate` returns the scalar loss to minimise and the metric of the current
 /// parameters; it is called before each step and once more at the end.
