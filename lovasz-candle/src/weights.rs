@@ -300,9 +300,13 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
         }
         work.push((job, outs));
     }
-    let parallel_sort = jobs.len() < rayon::current_num_threads();
+    let threads = rayon::current_num_threads();
+    let parallel_sort = jobs.len() < threads;
+    // About two tasks per thread: each reuses one workspace for all its jobs.
+    let per_task = jobs.len().div_ceil(2 * threads).max(1);
     let parts: Vec<(usize, JobSums)> = work
         .into_par_iter()
+        .with_min_len(per_task)
         .map_init(Workspace::default, |ws, (job, mut outs)| {
             let images = groups[job.group].clone();
             let sums = run_job(p, images, job, &mut outs, parallel_sort, ws);
