@@ -1,6 +1,7 @@
 //! The [`Dataset`] trait every source implements, and the [`Split`] names.
 
 use crate::{Result, Sample};
+use std::sync::Arc;
 
 /// A random-access collection of segmentation samples.
 ///
@@ -81,48 +82,33 @@ impl std::str::FromStr for Split {
     }
 }
 
-/// Blanket impls so `Arc<D>`, `Box<D>` and `&D` are data sets too.
-impl<D: Dataset + ?Sized> Dataset for std::sync::Arc<D> {
-    fn len(&self) -> usize {
-        (**self).len()
-    }
-    fn get(&self, i: usize) -> Result<Sample> {
-        (**self).get(i)
-    }
-    fn num_classes(&self) -> usize {
-        (**self).num_classes()
-    }
-    fn channels(&self) -> usize {
-        (**self).channels()
-    }
-    fn class_names(&self) -> Vec<String> {
-        (**self).class_names()
-    }
-    fn palette(&self) -> Vec<[u8; 3]> {
-        (**self).palette()
-    }
+/// Pointer types whose target is a data set are data sets too.
+macro_rules! forward_dataset {
+    ($($ptr:ident),*) => {$(
+        impl<D: Dataset + ?Sized> Dataset for $ptr<D> {
+            fn len(&self) -> usize {
+                (**self).len()
+            }
+            fn get(&self, i: usize) -> Result<Sample> {
+                (**self).get(i)
+            }
+            fn num_classes(&self) -> usize {
+                (**self).num_classes()
+            }
+            fn channels(&self) -> usize {
+                (**self).channels()
+            }
+            fn class_names(&self) -> Vec<String> {
+                (**self).class_names()
+            }
+            fn palette(&self) -> Vec<[u8; 3]> {
+                (**self).palette()
+            }
+        }
+    )*};
 }
 
-impl<D: Dataset + ?Sized> Dataset for Box<D> {
-    fn len(&self) -> usize {
-        (**self).len()
-    }
-    fn get(&self, i: usize) -> Result<Sample> {
-        (**self).get(i)
-    }
-    fn num_classes(&self) -> usize {
-        (**self).num_classes()
-    }
-    fn channels(&self) -> usize {
-        (**self).channels()
-    }
-    fn class_names(&self) -> Vec<String> {
-        (**self).class_names()
-    }
-    fn palette(&self) -> Vec<[u8; 3]> {
-        (**self).palette()
-    }
-}
+forward_dataset!(Arc, Box);
 
 /// Pixels per class over a whole data set: `num_classes()` counts, [`crate::VOID`]
 /// pixels not counted. Reads every sample once.
