@@ -68,21 +68,29 @@ impl Prepared {
     pub fn loss(self, reduction: Reduction) -> Result<Tensor> {
         let per_image = self.spec.per_image;
         let per_group = if self.x.device().is_cpu() && !host_copy_forced() {
-            let groups = self.spec.groups(self.x.dim(0)?);
-            let op = FusedLovasz {
-                spec: self.spec,
-                groups,
-                coefficients: Mutex::new(None),
-            };
-            self.x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))?
+            self.fused(false)?
         } else {
             self.linear_form()?
         };
-        match (per_image, reduction) {
-            (true, Reduction::Mean) => per_group.mean(0),
-            (true, Reduction::Sum) | (false, Reduction::Mean | Reduction::Sum) => per_group.sum(0),
-            (_, Reduction::None) => Ok(per_group),
-        }
+        reduce(per_group, per_image, reduction)
+    }
+
+    /// The loss of `softmax(x, dim 1)`, with `x` logits, in one CPU op whose backward
+    /// applies the softmax Jacobian on the host. Only for CPU tensors.
+    pub fn loss_from_logits(self, reduction: Reduction) -> Result<Tensor> {
+        let per_image = self.spec.per_image;
+        reduce(self.fused(true)?, per_image, reduction)
+    }
+
+    fn fused(self, from_logits: bool) -> Result<Tensor> {
+        let groups = self.spec.groups(self.x.dim(0)?);
+        let op = FusedLovasz {
+            spec: self.spec,
+            groups,
+            from_logits,
+            coefficients: Mutex::new(None),
+        };
+        self.x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))
     }
 
     /// Per-group losses `[G]` as `K + Σ A ⊙ x` with `A` computed on the host.
@@ -147,17 +155,92 @@ impl Prepared {
     }
 }
 
+/// Combines the per-group losses `[G]` as `reduction` says.
+fn reduce(per_group: Tensor, per_image: bool, reduction: Reduction) -> Result<Tensor> {
+    match (per_image, reduction) {
+        (true, Reduction::Mean) => per_group.mean(0),
+        (true, Reduction::Sum) | (false, Reduction::Mean | Reduction::Sum) => per_group.sum(0),
+        (_, Reduction::None) => Ok(per_group),
+    }
+}
+
+/// Softmax over the channel axis of `z` (`[B, C, S]`), one image per rayon task.
+fn softmax_channels<T: Real>(z: &[T], (_, c_n, s_n): (usize, usize, usize)) -> Vec<T> {
+    let mut p = vec![T::zero(); z.len()];
+    p.par_chunks_mut(c_n * s_n)
+        .zip(z.par_chunks(c_n * s_n))
+        .for_each(|(p, z)| {
+            let mut max = z[..s_n].to_vec();
+            for row in z.chunks(s_n).skip(1) {
+                for (m, &v) in max.iter_mut().zip(row) {
+                    // NaN propagates: it never compares greater, so keep it once seen.
+                    if v > *m || v.to_f64().is_nan() {
+                        *m = v;
+                    }
+                }
+            }
+            let mut sum = vec![T::zero(); s_n];
+            for (prow, zrow) in p.chunks_mut(s_n).zip(z.chunks(s_n)) {
+                for (((pv, &zv), &m), s) in prow.iter_mut().zip(zrow).zip(&max).zip(sum.iter_mut())
+                {
+                    *pv = (zv - m).exp();
+                    *s += *pv;
+                }
+            }
+            for prow in p.chunks_mut(s_n) {
+                for (pv, &s) in prow.iter_mut().zip(&sum) {
+                    *pv /= s;
+                }
+            }
+        });
+    p
+}
+
+/// Turns `a = ∂loss/∂p` into `∂loss/∂z` for `p = softmax(z)` over the channel axis, in
+/// place: `p_c (a_c - Σ_k p_k a_k)` at each pixel.
+fn softmax_backward<T: Real>(p: &[T], a: &mut [T], (_, c_n, s_n): (usize, usize, usize)) {
+    a.par_chunks_mut(c_n * s_n)
+        .zip(p.par_chunks(c_n * s_n))
+        .for_each(|(a, p)| {
+            let mut dot = vec![T::zero(); s_n];
+            for (arow, prow) in a.chunks(s_n).zip(p.chunks(s_n)) {
+                for ((d, &av), &pv) in dot.iter_mut().zip(arow).zip(prow) {
+                    *d += av * pv;
+                }
+            }
+            for (arow, prow) in a.chunks_mut(s_n).zip(p.chunks(s_n)) {
+                for ((av, &pv), &d) in arow.iter_mut().zip(prow).zip(&dot) {
+                    *av = pv * (*av - d);
+                }
+            }
+        });
+}
+
 /// The CPU path: one op whose forward runs the kernel and returns the per-group losses
 /// `[G]`, and whose backward multiplies the kept coefficients by the incoming gradient.
 struct FusedLovasz {
     spec: LossSpec,
     groups: usize,
+    /// The input is logits: the op applies the softmax over dim 1 itself, and keeps the
+    /// gradient with respect to the logits.
+    from_logits: bool,
     coefficients: Mutex<Option<Tensor>>,
 }
 
 impl FusedLovasz {
-    fn forward<T: Real>(&self, data: &[T], shape: &Shape) -> Result<Vec<T>> {
-        let solved = self.spec.solve(data, shape.dims3()?, Output::Linear, 1.0)?;
+    fn forward<T: Real>(&self, input: &[T], shape: &Shape) -> Result<Vec<T>> {
+        let dims = shape.dims3()?;
+        let probas;
+        let data = if self.from_logits {
+            probas = softmax_channels(input, dims);
+            &probas[..]
+        } else {
+            input
+        };
+        let mut solved = self.spec.solve(data, dims, Output::Linear, 1.0)?;
+        if self.from_logits {
+            softmax_backward(data, &mut solved.values, dims);
+        }
         let coefficients = Tensor::from_vec(solved.values, shape, &Device::Cpu)?;
         match self.coefficients.lock() {
             Ok(mut slot) => *slot = Some(coefficients),

@@ -4,7 +4,7 @@ use candle::{bail, Result, Tensor};
 
 use crate::config::{Classes, LovaszSoftmaxConfig};
 use crate::extension::{LossSpec, Prepared};
-use crate::input::{check_label_dims, check_not_empty, upcast, HostLabels};
+use crate::input::{check_label_dims, check_not_empty, host_copy_forced, upcast, HostLabels};
 use crate::weights::{ClassEntry, ErrorKind, Selection};
 
 /// Lovász-Softmax loss: the Lovász extension of the Jaccard loss of each class applied to
@@ -54,7 +54,13 @@ pub fn lovasz_softmax_with_logits(
             logits.dims()
         )
     }
-    let probas = candle_nn::ops::softmax(&upcast(logits, "logits")?, 1)?;
+    let logits = upcast(logits, "logits")?;
+    if logits.device().is_cpu() && !host_copy_forced() {
+        // One op for softmax, loss and backward: candle's softmax over a non-last axis
+        // and its backward cost several times the loss itself.
+        return prepare(&logits, labels, cfg)?.loss_from_logits(cfg.reduction);
+    }
+    let probas = candle_nn::ops::softmax(&logits, 1)?;
     lovasz_softmax(&probas, labels, cfg)
 }
 

@@ -93,6 +93,7 @@ pub(crate) trait Real: candle::WithDType + PartialOrd {
     fn unpack(p: Self::Packed) -> (usize, bool, bool);
     /// The error a key was made from.
     fn error(p: Self::Packed) -> Self;
+    fn exp(self) -> Self;
     /// Sorts ascending; `scratch` is reusable working memory.
     fn sort(keys: &mut [Self::Packed], scratch: &mut Vec<Self::Packed>, parallel: bool);
 }
@@ -110,6 +111,9 @@ fn split_low_word(w: u32) -> (usize, bool, bool) {
 
 impl Real for f32 {
     type Packed = u64;
+    fn exp(self) -> f32 {
+        f32::exp(self)
+    }
     #[inline]
     fn pack(err: f32, index: u32, slope: bool, fg: bool) -> u64 {
         let bits = err.to_bits();
@@ -145,6 +149,9 @@ impl Real for f32 {
 
 impl Real for f64 {
     type Packed = u128;
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
     #[inline]
     fn pack(err: f64, index: u32, slope: bool, fg: bool) -> u128 {
         let bits = err.to_bits();
