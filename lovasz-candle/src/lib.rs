@@ -31,9 +31,11 @@
 //! # Devices and precision
 //!
 //! `W` needs a sort of every class's errors; it is computed on the CPU (rayon over
-//! (group, class) jobs, an O(P log P) sort per job, exact integer prefix counts). On CUDA
-//! or Metal the inputs are copied to the host for that step and the result copied back;
-//! the loss expression itself, and its backward pass, run on the input's device. Inputs
+//! (group, class) jobs, a radix sort per job, exact integer prefix counts). On the CPU the
+//! loss is one custom op that keeps its coefficients for the backward pass
+//! ([`lovasz_softmax_with_logits`] also folds in the softmax and its Jacobian). On CUDA
+//! or Metal the inputs are copied to the host for the sort and the coefficients copied
+//! back; the loss expression itself, and its backward pass, run on the input's device. Inputs
 //! may be f16, bf16, f32 or f64: half-precision inputs are upcast to f32 (the loss is
 //! returned in f32), f64 stays f64.
 //!
