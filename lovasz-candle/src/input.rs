@@ -82,16 +82,30 @@ impl HostLabels {
         ignore_index: Option<u32>,
         what: &str,
     ) -> Result<Self> {
-        let labels = labels.to_device(&Device::Cpu)?.flatten_all()?;
-        let raw: Vec<i64> = match labels.dtype() {
-            DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64 => {
-                labels.to_dtype(DType::I64)?.to_vec1::<i64>()?
+        let (n, ig) = (n_classes, ignore_index);
+        // Read in place where possible: no widening copy of the common label dtypes.
+        match labels.dtype() {
+            DType::U8 => with_host_slice::<u8, _>(labels, |raw| Self::map(raw, n, ig, what)),
+            DType::U32 => with_host_slice::<u32, _>(labels, |raw| Self::map(raw, n, ig, what)),
+            DType::I64 => with_host_slice::<i64, _>(labels, |raw| Self::map(raw, n, ig, what)),
+            DType::I16 | DType::I32 => {
+                let wide = labels.to_dtype(DType::I64)?;
+                with_host_slice::<i64, _>(&wide, |raw| Self::map(raw, n, ig, what))
             }
             dt => bail!("{what} must have an integer dtype (u8, u32 or i64), got {dt:?}"),
-        };
+        }
+    }
+
+    fn map<V: Copy + Into<i64>>(
+        raw: &[V],
+        n_classes: usize,
+        ignore_index: Option<u32>,
+        what: &str,
+    ) -> Result<Self> {
         let ignore = ignore_index.map(i64::from);
         let mut values = Vec::with_capacity(raw.len());
         for (i, &v) in raw.iter().enumerate() {
+            let v: i64 = v.into();
             if Some(v) == ignore {
                 values.push(VOID);
             } else if v < 0 || v >= n_classes as i64 {
