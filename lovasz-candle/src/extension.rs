@@ -96,27 +96,7 @@ impl Prepared {
     /// Per-group losses `[G]` as `K + Σ A ⊙ x` with `A` computed on the host.
     fn linear_form(&self) -> Result<Tensor> {
         let dims = self.x.dims3()?;
-        let (values, offsets) = match self.x.dtype() {
-            DType::F32 => {
-                let s = with_host_slice::<f32, _>(&self.x, |d| {
-                    self.spec.solve(d, dims, Output::Linear, 1.0)
-                })?;
-                (
-                    Tensor::from_vec(s.values, self.x.shape(), self.x.device())?,
-                    s.offsets,
-                )
-            }
-            DType::F64 => {
-                let s = with_host_slice::<f64, _>(&self.x, |d| {
-                    self.spec.solve(d, dims, Output::Linear, 1.0)
-                })?;
-                (
-                    Tensor::from_vec(s.values, self.x.shape(), self.x.device())?,
-                    s.offsets,
-                )
-            }
-            dt => bail!("lovasz: internal dtype {dt:?} (expected f32 or f64)"),
-        };
+        let (values, offsets) = self.solve_on_host(Output::Linear, 1.0)?;
         let (batch, channels, _) = dims;
         let groups = offsets.len();
         // Row sums first: a two-level sum keeps f32 accuracy on millions of pixels.
@@ -138,19 +118,28 @@ impl Prepared {
         } else {
             1.0
         };
+        Ok(self.solve_on_host(Output::Weights, scale)?.0)
+    }
+
+    /// Runs the kernel on a host view of `x` (copied there when it lives elsewhere) and
+    /// returns its per-pixel values as a tensor on `x`'s device, with the group offsets.
+    fn solve_on_host(&self, output: Output, scale: f64) -> Result<(Tensor, Vec<f64>)> {
+        let dims = self.x.dims3()?;
+        let (shape, device) = (self.x.shape(), self.x.device());
         match self.x.dtype() {
+            DType::F32 => {
+                let s = with_host_slice::<f32, _>(&self.x, |d| {
+                    self.spec.solve(d, dims, output, scale)
+                })?;
+                Ok((Tensor::from_vec(s.values, shape, device)?, s.offsets))
+            }
             DType::F64 => {
                 let s = with_host_slice::<f64, _>(&self.x, |d| {
-                    self.spec.solve(d, dims, Output::Weights, scale)
+                    self.spec.solve(d, dims, output, scale)
                 })?;
-                Tensor::from_vec(s.values, self.x.shape(), self.x.device())
+                Ok((Tensor::from_vec(s.values, shape, device)?, s.offsets))
             }
-            _ => {
-                let s = with_host_slice::<f32, _>(&self.x, |d| {
-                    self.spec.solve(d, dims, Output::Weights, scale)
-                })?;
-                Tensor::from_vec(s.values, self.x.shape(), self.x.device())
-            }
+            dt => bail!("lovasz: internal dtype {dt:?} (expected f32 or f64)"),
         }
     }
 }
