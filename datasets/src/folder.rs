@@ -143,6 +143,14 @@ impl FolderDataset {
 }
 
 /// Loads one image/mask pair, checking sizes; shared with [`crate::VocDataset`].
+/// The (image, mask) paths of sample `i`, or an index error.
+pub(crate) fn pair_at(pairs: &[(PathBuf, PathBuf)], i: usize) -> Result<&(PathBuf, PathBuf)> {
+    pairs.get(i).ok_or(Error::Index {
+        index: i,
+        len: pairs.len(),
+    })
+}
+
 pub(crate) fn load_pair(
     image: &Path,
     mask: &Path,
@@ -169,10 +177,7 @@ impl Dataset for FolderDataset {
     }
 
     fn get(&self, i: usize) -> Result<Sample> {
-        let (image, mask) = self.pairs.get(i).ok_or(Error::Index {
-            index: i,
-            len: self.pairs.len(),
-        })?;
+        let (image, mask) = pair_at(&self.pairs, i)?;
         load_pair(image, mask, self.channels, self.num_classes, &self.palette)
     }
 

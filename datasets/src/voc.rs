@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::folder::load_pair;
+use crate::folder::{load_pair, pair_at};
 use crate::palette::VOC_CLASS_NAMES;
 use crate::{voc_palette, Dataset, Error, Result, Sample, Split};
 
@@ -86,10 +86,7 @@ impl Dataset for VocDataset {
     }
 
     fn get(&self, i: usize) -> Result<Sample> {
-        let (image, mask) = self.pairs.get(i).ok_or(Error::Index {
-            index: i,
-            len: self.pairs.len(),
-        })?;
+        let (image, mask) = pair_at(&self.pairs, i)?;
         load_pair(image, mask, 3, Self::NUM_CLASSES, &self.palette)
     }
 
