@@ -120,7 +120,8 @@ fn inputs(args: &Args) -> Result<(Tensor, Tensor)> {
     Ok((x.reshape(x_dims)?, labels.reshape(label_dims)?))
 }
 
-fn run(args: &Args, x: &Tensor, labels: &Tensor) -> Result<f64> {
+/// Forward and backward seconds of one run.
+fn run(args: &Args, x: &Tensor, labels: &Tensor) -> Result<(f64, f64)> {
     let var = Var::from_tensor(x)?;
     let start = Instant::now();
     let loss = match args.loss {
@@ -146,12 +147,13 @@ fn run(args: &Args, x: &Tensor, labels: &Tensor) -> Result<f64> {
             lovasz_sigmoid(var.as_tensor(), labels, &cfg)?
         }
     };
+    let forward = start.elapsed().as_secs_f64();
     let grads = loss.backward()?;
     let elapsed = start.elapsed().as_secs_f64();
     if grads.get(&var).is_none() || !loss.to_scalar::<f32>()?.is_finite() {
         bail!("no gradient or a non-finite loss");
     }
-    Ok(elapsed)
+    Ok((forward, elapsed - forward))
 }
 
 /// Time of sorting the same (error, index) keys, packed in u64, one rayon job per
@@ -228,14 +230,22 @@ fn main() -> Result<()> {
         rayon::current_num_threads()
     );
     run(&args, &x, &labels)?;
-    let mut times: Vec<f64> = (0..args.reps)
+    let runs: Vec<(f64, f64)> = (0..args.reps)
         .map(|_| run(&args, &x, &labels))
         .collect::<Result<_>>()?;
+    let mut times: Vec<f64> = runs.iter().map(|(f, b)| f + b).collect();
+    let mut forward: Vec<f64> = runs.iter().map(|r| r.0).collect();
+    let mut backward: Vec<f64> = runs.iter().map(|r| r.1).collect();
     let mut floors: Vec<f64> = (0..args.reps.min(3))
         .map(|_| sort_floor(&args, &x, &labels))
         .collect::<Result<_>>()?;
     let med = median(&mut times);
     let elems = x.elem_count() as f64;
+    println!(
+        "forward_median_s={:.4} backward_median_s={:.4}",
+        median(&mut forward),
+        median(&mut backward)
+    );
     println!(
         "min_s={:.4} max_s={:.4} sort_floor_s={:.4} throughput={:.1} Mpix*class/s",
         times[0],

@@ -65,38 +65,51 @@ pub(crate) struct Prepared {
 
 impl Prepared {
     /// The loss, reduced over images as `reduction` says. Gradients flow into `x` only.
+    ///
+    /// A mean over images is folded into the kernel's weights and the groups are summed:
+    /// on the CPU path the usual backward pass (a gradient of 1) then returns the kept
+    /// coefficients as they are, without a pass over them, and both paths round alike.
     pub fn loss(self, reduction: Reduction) -> Result<Tensor> {
-        let per_image = self.spec.per_image;
         let per_group = if self.x.device().is_cpu() && !host_copy_forced() {
-            self.fused(false)?
+            self.fused(false, reduction)?
         } else {
-            self.linear_form()?
+            self.linear_form(self.group_scale(reduction)?)?
         };
-        reduce(per_group, per_image, reduction)
+        sum_groups(per_group, reduction)
     }
 
     /// The loss of `softmax(x, dim 1)`, with `x` logits, in one CPU op whose backward
     /// applies the softmax Jacobian on the host. Only for CPU tensors.
     pub fn loss_from_logits(self, reduction: Reduction) -> Result<Tensor> {
-        let per_image = self.spec.per_image;
-        reduce(self.fused(true)?, per_image, reduction)
+        sum_groups(self.fused(true, reduction)?, reduction)
     }
 
-    fn fused(self, from_logits: bool) -> Result<Tensor> {
-        let groups = self.spec.groups(self.x.dim(0)?);
+    /// The factor on each group's loss: `1 / B` for a mean over images, else 1.
+    fn group_scale(&self, reduction: Reduction) -> Result<f64> {
+        Ok(if self.spec.per_image && reduction == Reduction::Mean {
+            1.0 / self.x.dim(0)? as f64
+        } else {
+            1.0
+        })
+    }
+
+    /// The CPU op: per-group losses `[G]`, scaled by [`Self::group_scale`].
+    fn fused(self, from_logits: bool, reduction: Reduction) -> Result<Tensor> {
         let op = FusedLovasz {
+            groups: self.spec.groups(self.x.dim(0)?),
+            group_scale: self.group_scale(reduction)?,
             spec: self.spec,
-            groups,
             from_logits,
             coefficients: Mutex::new(None),
         };
         self.x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))
     }
 
-    /// Per-group losses `[G]` as `K + Σ A ⊙ x` with `A` computed on the host.
-    fn linear_form(&self) -> Result<Tensor> {
+    /// Per-group losses `[G]` (times `scale`) as `K + Σ A ⊙ x` with `A` computed on the
+    /// host.
+    fn linear_form(&self, scale: f64) -> Result<Tensor> {
         let dims = self.x.dims3()?;
-        let (values, offsets) = self.solve_on_host(Output::Linear, 1.0)?;
+        let (values, offsets) = self.solve_on_host(Output::Linear, scale)?;
         let (batch, channels, _) = dims;
         let groups = offsets.len();
         // Row sums first: a two-level sum keeps f32 accuracy on millions of pixels.
@@ -144,12 +157,12 @@ impl Prepared {
     }
 }
 
-/// Combines the per-group losses `[G]` as `reduction` says.
-fn reduce(per_group: Tensor, per_image: bool, reduction: Reduction) -> Result<Tensor> {
-    match (per_image, reduction) {
-        (true, Reduction::Mean) => per_group.mean(0),
-        (true, Reduction::Sum) | (false, Reduction::Mean | Reduction::Sum) => per_group.sum(0),
-        (_, Reduction::None) => Ok(per_group),
+/// Combines the per-group losses `[G]` (already scaled by `Prepared::group_scale`) as
+/// `reduction` says.
+fn sum_groups(per_group: Tensor, reduction: Reduction) -> Result<Tensor> {
+    match reduction {
+        Reduction::None => Ok(per_group),
+        Reduction::Mean | Reduction::Sum => per_group.sum(0),
     }
 }
 
@@ -210,6 +223,8 @@ fn softmax_backward<T: Real>(p: &[T], a: &mut [T], (_, c_n, s_n): (usize, usize,
 struct FusedLovasz {
     spec: LossSpec,
     groups: usize,
+    /// A factor on every group's loss and coefficients (`1 / B` for a mean over images).
+    group_scale: f64,
     /// The input is logits: the op applies the softmax over dim 1 itself, and keeps the
     /// gradient with respect to the logits.
     from_logits: bool,
@@ -226,7 +241,9 @@ impl FusedLovasz {
         } else {
             input
         };
-        let mut solved = self.spec.solve(data, dims, Output::Linear, 1.0)?;
+        let mut solved = self
+            .spec
+            .solve(data, dims, Output::Linear, self.group_scale)?;
         if self.from_logits {
             softmax_backward(data, &mut solved.values, dims);
         }

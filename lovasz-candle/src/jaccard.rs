@@ -7,14 +7,18 @@ use candle::{bail, DType, Device, Result, Tensor};
 ///
 /// With `G` foreground pixels in the group, after `k` sorted pixels of which `f` are
 /// foreground and `b = k - f` background, the Jaccard loss of the prefix set is
-/// `J_k = 1 - (G - f) / (G + b)` and the weight of pixel `k` is `J_k - J_(k-1)`. Counts are
-/// exact integers; the ratio is taken in f64.
+/// `J_k = 1 - (G - f) / (G + b)` and the weight of pixel `k` is `J_k - J_(k-1)`. In closed
+/// form that is `1 / (G + b)` for a foreground pixel and `(G - f) / ((G + b - 1)(G + b))`
+/// for a background one (`1` for the first pixel when `G = 0`). Counts are exact integers,
+/// the weights are taken in f64 without the cancellation of a difference, and `1 / (G + b)`
+/// is kept between steps, so a step costs at most one division.
 #[derive(Debug, Clone)]
 pub(crate) struct JaccardWalk {
     gts: u64,
     fg_seen: u64,
     bg_seen: u64,
-    prev: f64,
+    /// `1 / (G + b)` for the current `b` (infinite while `G + b = 0`).
+    inv_union: f64,
 }
 
 impl JaccardWalk {
@@ -24,7 +28,7 @@ impl JaccardWalk {
             gts,
             fg_seen: 0,
             bg_seen: 0,
-            prev: 0.0,
+            inv_union: 1.0 / gts as f64,
         }
     }
 
@@ -32,17 +36,19 @@ impl JaccardWalk {
     #[inline]
     pub fn step(&mut self, fg: bool) -> f64 {
         if fg {
+            // A foreground pixel exists, so G >= 1 and 1 / (G + b) is finite.
             self.fg_seen += 1;
-        } else {
-            self.bg_seen += 1;
+            return self.inv_union;
         }
-        // G + b >= 1 here: either G >= 1, or this pixel or an earlier one is background.
-        let intersection = (self.gts - self.fg_seen) as f64;
-        let union = (self.gts + self.bg_seen) as f64;
-        let jaccard = 1.0 - intersection / union;
-        let g = jaccard - self.prev;
-        self.prev = jaccard;
-        g
+        self.bg_seen += 1;
+        let union = self.gts + self.bg_seen;
+        let inv_prev = self.inv_union;
+        self.inv_union = 1.0 / union as f64;
+        if union == 1 {
+            // G = 0: the first pixel takes J from 0 to 1.
+            return 1.0;
+        }
+        (self.gts - self.fg_seen) as f64 * inv_prev * self.inv_union
     }
 }
 
@@ -107,6 +113,28 @@ mod tests {
         let mut walk = JaccardWalk::new(3);
         let total: f64 = fg.iter().map(|&f| walk.step(f)).sum();
         assert!((total - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn closed_form_matches_differences_of_the_jaccard_loss() {
+        let fg = [
+            false, true, true, false, false, true, false, true, false, false,
+        ];
+        let gts = fg.iter().filter(|&&f| f).count() as u64;
+        let jaccard = |f: u64, b: u64| 1.0 - (gts - f) as f64 / (gts + b) as f64;
+        let mut walk = JaccardWalk::new(gts);
+        let (mut f, mut b, mut prev) = (0, 0, 0.0);
+        for &is_fg in &fg {
+            if is_fg {
+                f += 1;
+            } else {
+                b += 1;
+            }
+            let j = jaccard(f, b);
+            let w = walk.step(is_fg);
+            assert!((w - (j - prev)).abs() < 1e-15, "{w} vs {}", j - prev);
+            prev = j;
+        }
     }
 
     #[test]

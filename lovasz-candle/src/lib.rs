@@ -65,6 +65,7 @@
 
 mod bce;
 mod binary;
+mod buffer;
 mod config;
 mod cross_entropy;
 mod extension;

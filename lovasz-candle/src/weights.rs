@@ -207,14 +207,15 @@ impl ErrorKind {
         }
     }
 
-    /// `(a, k, e)`: the clamped error `e = k + a x` near `x`, from the slope bit.
+    /// For weight `w` of a pixel with error `err` (clamped by the caller's key), slope bit
+    /// and ground truth: `(w a, w k, w e)` with `e = k + a x` the clamped error near `x`.
     #[inline]
-    fn linear(self, err: f64, slope: bool, fg: bool) -> (f64, f64, f64) {
+    fn linear(self, w: f64, err: f64, slope: bool, fg: bool) -> (f64, f64, f64) {
         let target = if fg { 1.0 } else { 0.0 };
         match (self, slope) {
-            (ErrorKind::Abs, true) => (-1.0, target, err),
-            (ErrorKind::Abs, false) => (1.0, -target, err),
-            (ErrorKind::Hinge, true) => (if fg { -1.0 } else { 1.0 }, 1.0, err),
+            (ErrorKind::Abs, true) => (-w, w * target, w * err),
+            (ErrorKind::Abs, false) => (w, -w * target, w * err),
+            (ErrorKind::Hinge, true) => (if fg { -w } else { w }, w, w * err),
             (ErrorKind::Hinge, false) => (0.0, 0.0, 0.0),
         }
     }
@@ -294,7 +295,7 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
         }
     }
 
-    let mut values = vec![T::zero(); b_n * c_n * s_n];
+    let mut values = crate::buffer::zeroed::<T>(b_n * c_n * s_n);
     let mut chunks: Vec<Option<&mut [T]>> = values.chunks_mut(s_n).map(Some).collect();
     let mut work = Vec::with_capacity(jobs.len());
     for job in &jobs {
@@ -369,23 +370,32 @@ fn run_job<T: Real>(
 ) -> JobSums {
     let s_n = p.spatial;
     let keys = &mut ws.keys;
-    keys.clear();
-    keys.reserve(images.len() * s_n);
+    crate::buffer::reserve_empty(keys, images.len() * s_n);
+    // A hinge error <= 0 has relu weight 0 and sorts after every positive one, so it
+    // changes no other pixel's rank: in linear mode such pixels are left out (their
+    // coefficient stays 0). The weights `W` need every pixel.
+    let drop_nonpositive = p.kind == ErrorKind::Hinge && p.output == Output::Linear;
     for (li, b) in images.clone().enumerate() {
         let x = &p.data[(b * p.channels + job.channel) * s_n..][..s_n];
         let labels = &p.labels[b * s_n..][..s_n];
-        let base = li * s_n;
-        for (i, (&x, &l)) in x.iter().zip(labels).enumerate() {
-            if l != VOID {
-                let fg = l == job.class;
-                let (err, slope) = p.kind.error(x, fg);
-                keys.push(T::pack(err, (base + i) as u32, slope, fg));
-            }
+        let base = (li * s_n) as u32;
+        match p.kind {
+            ErrorKind::Abs => push_keys(keys, x, labels, job.class, base, false, |x, fg| {
+                ErrorKind::Abs.error(x, fg)
+            }),
+            ErrorKind::Hinge => push_keys(
+                keys,
+                x,
+                labels,
+                job.class,
+                base,
+                drop_nonpositive,
+                |x, fg| ErrorKind::Hinge.error(x, fg),
+            ),
         }
     }
-    let mut sums = JobSums::default();
     if keys.is_empty() {
-        return sums;
+        return JobSums::default();
     }
     T::sort(keys, &mut ws.scratch, parallel_sort);
     // Everything the outputs need is in the keys, so one walk writes them. A single image
@@ -396,30 +406,84 @@ fn run_job<T: Real>(
     let target: &mut [T] = match outs {
         [single] => single,
         _ => {
-            buffer.clear();
+            crate::buffer::reserve_empty(buffer, images.len() * s_n);
             buffer.resize(images.len() * s_n, T::zero());
             buffer
         }
     };
-    let mut walk = JaccardWalk::new(job.gts);
-    for &key in keys.iter() {
-        let (idx, slope, fg) = T::unpack(key);
-        let w = T::from_f64(walk.step(fg) * job.scale);
-        target[idx] = match p.output {
-            Output::Weights => w,
-            Output::Linear => {
-                let w = w.to_f64();
-                let (a, k, e) = p.kind.linear(T::error(key).to_f64(), slope, fg);
-                sums.offset += w * k;
-                sums.loss += w * e;
-                T::from_f64(w * a)
-            }
-        };
-    }
+    let walk = JaccardWalk::new(job.gts);
+    let sums = match (p.output, p.kind) {
+        (Output::Weights, _) => walk_keys(keys, target, walk, job.scale, |w, _| (w, 0.0, 0.0)),
+        (Output::Linear, ErrorKind::Abs) => walk_keys(keys, target, walk, job.scale, |w, key| {
+            let (_, slope, fg) = T::unpack(key);
+            ErrorKind::Abs.linear(w, T::error(key).to_f64(), slope, fg)
+        }),
+        (Output::Linear, ErrorKind::Hinge) => walk_keys(keys, target, walk, job.scale, |w, key| {
+            let (_, slope, fg) = T::unpack(key);
+            ErrorKind::Hinge.linear(w, T::error(key).to_f64(), slope, fg)
+        }),
+    };
     if several {
         for (out, chunk) in outs.iter_mut().zip(ws.buffer.chunks(s_n)) {
             out.copy_from_slice(chunk);
         }
     }
     sums
+}
+
+/// Appends the packed keys of one image's row `x` (labels `labels`, pixel indices from
+/// `base`), skipping void pixels and, if `drop_nonpositive`, errors `<= 0`. `error` is
+/// [`ErrorKind::error`] for one fixed kind, so the loop has no dispatch in it.
+#[inline(always)]
+fn push_keys<T: Real>(
+    keys: &mut Vec<T::Packed>,
+    x: &[T],
+    labels: &[u32],
+    class: u32,
+    base: u32,
+    drop_nonpositive: bool,
+    error: impl Fn(T, bool) -> (T, bool),
+) {
+    if drop_nonpositive || labels.contains(&VOID) {
+        for (i, (&x, &l)) in x.iter().zip(labels).enumerate() {
+            if l == VOID {
+                continue;
+            }
+            let fg = l == class;
+            let (err, slope) = error(x, fg);
+            // `err <= 0` is false for NaN: a NaN error reaches the walk like any other.
+            if !(drop_nonpositive && err <= T::zero()) {
+                keys.push(T::pack(err, base + i as u32, slope, fg));
+            }
+        }
+    } else {
+        // No void pixel: a plain map the compiler can keep branch-free.
+        keys.extend(x.iter().zip(labels).enumerate().map(|(i, (&x, &l))| {
+            let fg = l == class;
+            let (err, slope) = error(x, fg);
+            T::pack(err, base + i as u32, slope, fg)
+        }));
+    }
+}
+
+/// Walks sorted keys once: the Jaccard weight of each (times `scale`) goes through `out`,
+/// which returns `(value written, share of K, share of the loss)`.
+#[inline(always)]
+fn walk_keys<T: Real>(
+    keys: &[T::Packed],
+    target: &mut [T],
+    mut walk: JaccardWalk,
+    scale: f64,
+    out: impl Fn(f64, T::Packed) -> (f64, f64, f64),
+) -> JobSums {
+    // Local accumulators stay in registers (fields of a struct were spilled each step).
+    let (mut offset, mut loss) = (0.0, 0.0);
+    for &key in keys {
+        let (idx, _, fg) = T::unpack(key);
+        let (value, k, l) = out(walk.step(fg) * scale, key);
+        target[idx] = T::from_f64(value);
+        offset += k;
+        loss += l;
+    }
+    JobSums { offset, loss }
 }

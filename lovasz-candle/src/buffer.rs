@@ -1,0 +1,91 @@
+//! Large host buffers for the kernel, backed by transparent huge pages where Linux offers
+//! them on request (`madvise` mode). A fresh 72 MB output touched in 4 KiB pages costs
+//! about 18,000 page faults; in 2 MiB pages, 36.
+
+/// Buffers below this size are left to the allocator as they are.
+const HUGE_MIN_BYTES: usize = 4 << 20;
+
+/// A vector of `n` zeros of a float type. Fresh memory from `calloc` is zero without
+/// being written, so advising it before the first touch gets huge pages.
+pub(crate) fn zeroed<T: crate::weights::Real>(n: usize) -> Vec<T> {
+    let bytes = n.saturating_mul(std::mem::size_of::<T>());
+    if bytes < HUGE_MIN_BYTES {
+        return vec![T::zero(); n];
+    }
+    let Ok(layout) = std::alloc::Layout::array::<T>(n) else {
+        return vec![T::zero(); n];
+    };
+    // SAFETY: `layout` has a non-zero size; a null result is handled. The all-zero bit
+    // pattern is the value 0.0 for the float types `Real` is implemented for (f32, f64),
+    // and the vector takes the allocation with the same layout (`Layout::array::<T>(n)`,
+    // capacity `n`), which is what `Vec` deallocates with.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        advise_huge(ptr as *mut u8, bytes);
+        Vec::from_raw_parts(ptr, n, n)
+    }
+}
+
+/// Makes room for `n` elements in `v` (kept empty), advising a fresh large allocation to
+/// use huge pages before it is written.
+pub(crate) fn reserve_empty<T>(v: &mut Vec<T>, n: usize) {
+    v.clear();
+    if v.capacity() >= n {
+        return;
+    }
+    *v = Vec::with_capacity(n);
+    let bytes = v.capacity().saturating_mul(std::mem::size_of::<T>());
+    if bytes >= HUGE_MIN_BYTES {
+        advise_huge(v.as_mut_ptr() as *mut u8, bytes);
+    }
+}
+
+/// Asks for huge pages on the whole 2 MiB pages inside `[ptr, ptr + bytes)`. A hint only:
+/// failures are ignored, and other systems do nothing.
+#[cfg(target_os = "linux")]
+fn advise_huge(ptr: *mut u8, bytes: usize) {
+    const HUGE: usize = 2 << 20;
+    let start = (ptr as usize).next_multiple_of(HUGE);
+    let end = (ptr as usize + bytes) / HUGE * HUGE;
+    if end > start {
+        // SAFETY: the range lies inside one live allocation owned by the caller; madvise
+        // with MADV_HUGEPAGE changes no contents.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge(_ptr: *mut u8, _bytes: usize) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeroed_buffers_are_zero_and_usable() {
+        for n in [0usize, 5, (HUGE_MIN_BYTES / 4) + 3] {
+            let mut v: Vec<f32> = zeroed(n);
+            assert_eq!(v.len(), n);
+            assert!(v.iter().all(|&x| x == 0.0));
+            v.push(1.0);
+            assert_eq!(v[n], 1.0);
+        }
+        let v: Vec<f64> = zeroed(HUGE_MIN_BYTES / 8 + 1);
+        assert!(v.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn reserve_keeps_the_vector_empty() {
+        let mut v = vec![1u64, 2, 3];
+        reserve_empty(&mut v, HUGE_MIN_BYTES / 8 + 1);
+        assert!(v.is_empty() && v.capacity() > HUGE_MIN_BYTES / 8);
+        v.extend(0..10);
+        reserve_empty(&mut v, 4);
+        assert!(v.is_empty());
+    }
+}
