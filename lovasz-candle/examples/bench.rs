@@ -8,6 +8,8 @@
 //! of the same (error, index) keys (the floor any exact implementation must pay), and, as
 //! its last line, `median_s=<seconds>`.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -21,6 +23,42 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
+
+/// The system allocator, counting the bytes live now and their peak, so that the extra
+/// memory a loss takes can be reported.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn count_alloc(bytes: usize) {
+    let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(live, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded to `System` unchanged; only counters are updated.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count_alloc(layout.size());
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_alloc(layout.size());
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        count_alloc(new_size);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Loss {
@@ -120,9 +158,12 @@ fn inputs(args: &Args) -> Result<(Tensor, Tensor)> {
     Ok((x.reshape(x_dims)?, labels.reshape(label_dims)?))
 }
 
-/// Forward and backward seconds of one run.
-fn run(args: &Args, x: &Tensor, labels: &Tensor) -> Result<(f64, f64)> {
+/// One run: forward seconds, backward seconds, and the peak bytes allocated above what
+/// was live before the forward pass (the gradient, which the caller keeps, included).
+fn run(args: &Args, x: &Tensor, labels: &Tensor) -> Result<(f64, f64, usize)> {
     let var = Var::from_tensor(x)?;
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
     let start = Instant::now();
     let loss = match args.loss {
         Loss::Softmax => {
@@ -153,7 +194,9 @@ fn run(args: &Args, x: &Tensor, labels: &Tensor) -> Result<(f64, f64)> {
     if grads.get(&var).is_none() || !loss.to_scalar::<f32>()?.is_finite() {
         bail!("no gradient or a non-finite loss");
     }
-    Ok((forward, elapsed - forward))
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    drop(grads);
+    Ok((forward, elapsed - forward, peak))
 }
 
 /// Time of sorting the same (error, index) keys, packed in u64, one rayon job per
@@ -230,10 +273,11 @@ fn main() -> Result<()> {
         rayon::current_num_threads()
     );
     run(&args, &x, &labels)?;
-    let runs: Vec<(f64, f64)> = (0..args.reps)
+    let runs: Vec<(f64, f64, usize)> = (0..args.reps)
         .map(|_| run(&args, &x, &labels))
         .collect::<Result<_>>()?;
-    let mut times: Vec<f64> = runs.iter().map(|(f, b)| f + b).collect();
+    let mut times: Vec<f64> = runs.iter().map(|(f, b, _)| f + b).collect();
+    let peak = runs.iter().map(|r| r.2).max().unwrap_or(0);
     let mut forward: Vec<f64> = runs.iter().map(|r| r.0).collect();
     let mut backward: Vec<f64> = runs.iter().map(|r| r.1).collect();
     let mut floors: Vec<f64> = (0..args.reps.min(3))
@@ -245,6 +289,13 @@ fn main() -> Result<()> {
         "forward_median_s={:.4} backward_median_s={:.4}",
         median(&mut forward),
         median(&mut backward)
+    );
+    let input_bytes = x.elem_count() * x.dtype().size_in_bytes();
+    println!(
+        "peak_extra_mb={:.1} ({:.2}x the input of {:.1} MB; candle's backward holds a zeros_like, the gradient and the sum at once)",
+        peak as f64 / 1e6,
+        peak as f64 / input_bytes as f64,
+        input_bytes as f64 / 1e6
     );
     println!(
         "min_s={:.4} max_s={:.4} sort_floor_s={:.4} throughput={:.1} Mpix*class/s",

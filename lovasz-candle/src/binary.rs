@@ -28,10 +28,11 @@ fn prepare_binary(
     check_label_dims(labels, dims, input, dims)?;
     let batch = dims[0];
     let spatial = x.elem_count() / batch;
-    let x = upcast(x, input)?.reshape((batch, 1, spatial))?;
+    let x = upcast(x, input)?;
     let host = HostLabels::new(labels, 2, ignore_index, what)?;
     Ok(Prepared {
         x,
+        dims: (batch, 1, spatial),
         spec: LossSpec {
             labels: host.values,
             per_image,

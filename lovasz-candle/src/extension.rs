@@ -56,10 +56,15 @@ impl LossSpec {
     }
 }
 
-/// A validated loss input: `x` of shape `[B, C, S]` in f32 or f64 and its [`LossSpec`].
+/// A validated loss input: `x` in f32 or f64, read as `[B, C, S]`, and its [`LossSpec`].
 pub(crate) struct Prepared {
-    /// Scores `[B, C, S]` (probabilities or logits), f32 or f64, on the caller's device.
+    /// Scores (probabilities or logits), f32 or f64, on the caller's device, in the
+    /// caller's shape: a reshape in the graph would cost candle's backward pass a second
+    /// zeros + add over the whole gradient.
     pub x: Tensor,
+    /// `(B, C, S)`: `x` read with its spatial axes (and, for binary losses, a unit class
+    /// axis) flattened.
+    pub dims: (usize, usize, usize),
     pub spec: LossSpec,
 }
 
@@ -87,7 +92,7 @@ impl Prepared {
     /// The factor on each group's loss: `1 / B` for a mean over images, else 1.
     fn group_scale(&self, reduction: Reduction) -> Result<f64> {
         Ok(if self.spec.per_image && reduction == Reduction::Mean {
-            1.0 / self.x.dim(0)? as f64
+            1.0 / self.dims.0 as f64
         } else {
             1.0
         })
@@ -96,7 +101,8 @@ impl Prepared {
     /// The CPU op: per-group losses `[G]`, scaled by [`Self::group_scale`].
     fn fused(self, from_logits: bool, reduction: Reduction) -> Result<Tensor> {
         let op = FusedLovasz {
-            groups: self.spec.groups(self.x.dim(0)?),
+            groups: self.spec.groups(self.dims.0),
+            dims: self.dims,
             group_scale: self.group_scale(reduction)?,
             spec: self.spec,
             from_logits,
@@ -108,12 +114,11 @@ impl Prepared {
     /// Per-group losses `[G]` (times `scale`) as `K + Σ A ⊙ x` with `A` computed on the
     /// host.
     fn linear_form(&self, scale: f64) -> Result<Tensor> {
-        let dims = self.x.dims3()?;
         let (values, offsets) = self.solve_on_host(Output::Linear, scale)?;
-        let (batch, channels, _) = dims;
+        let (batch, channels, _) = self.dims;
         let groups = offsets.len();
         // Row sums first: a two-level sum keeps f32 accuracy on millions of pixels.
-        let rows = (values * &self.x)?.sum(2)?;
+        let rows = (values * &self.x)?.reshape(self.dims)?.sum(2)?;
         let per_group = rows
             .reshape((groups, (batch / groups) * channels))?
             .sum(1)?;
@@ -125,19 +130,15 @@ impl Prepared {
     /// The weight tensor `W`, shape `[B, C, S]`, detached, with `loss = Σ W ⊙ errors`
     /// under `reduction` (`Mean` folds `1 / B` in when `per_image`).
     pub fn weights(&self, reduction: Reduction) -> Result<Tensor> {
-        let dims = self.x.dims3()?;
-        let scale = if self.spec.per_image && reduction == Reduction::Mean {
-            1.0 / dims.0 as f64
-        } else {
-            1.0
-        };
-        Ok(self.solve_on_host(Output::Weights, scale)?.0)
+        Ok(self
+            .solve_on_host(Output::Weights, self.group_scale(reduction)?)?
+            .0)
     }
 
     /// Runs the kernel on a host view of `x` (copied there when it lives elsewhere) and
     /// returns its per-pixel values as a tensor on `x`'s device, with the group offsets.
     fn solve_on_host(&self, output: Output, scale: f64) -> Result<(Tensor, Vec<f64>)> {
-        let dims = self.x.dims3()?;
+        let dims = self.dims;
         let (shape, device) = (self.x.shape(), self.x.device());
         match self.x.dtype() {
             DType::F32 => {
@@ -223,6 +224,8 @@ fn softmax_backward<T: Real>(p: &[T], a: &mut [T], (_, c_n, s_n): (usize, usize,
 struct FusedLovasz {
     spec: LossSpec,
     groups: usize,
+    /// `(B, C, S)` of the input.
+    dims: (usize, usize, usize),
     /// A factor on every group's loss and coefficients (`1 / B` for a mean over images).
     group_scale: f64,
     /// The input is logits: the op applies the softmax over dim 1 itself, and keeps the
@@ -233,7 +236,13 @@ struct FusedLovasz {
 
 impl FusedLovasz {
     fn forward<T: Real>(&self, input: &[T], shape: &Shape) -> Result<Vec<T>> {
-        let dims = shape.dims3()?;
+        let dims = self.dims;
+        if input.len() != dims.0 * dims.1 * dims.2 {
+            bail!(
+                "lovasz: input of {} values for dims {dims:?} (internal error)",
+                input.len()
+            )
+        }
         let probas;
         let data = if self.from_logits {
             probas = softmax_channels(input, dims);
@@ -295,7 +304,8 @@ impl CustomOp1 for FusedLovasz {
         if g.iter().all(|&v| v == g[0]) {
             return Ok(Some(if g[0] == 1.0 { a } else { a.affine(g[0], 0.0)? }));
         }
-        let (batch, _, _) = arg.dims3()?;
-        Ok(Some(a.broadcast_mul(&grad_res.reshape((batch, 1, 1))?)?))
+        let mut per_image = vec![1; arg.rank()];
+        per_image[0] = self.dims.0;
+        Ok(Some(a.broadcast_mul(&grad_res.reshape(per_image)?)?))
     }
 }

@@ -89,7 +89,7 @@ fn prepare(probas: &Tensor, labels: &Tensor, cfg: &LovaszSoftmaxConfig) -> Resul
     let mut expected = vec![batch];
     expected.extend_from_slice(&dims[2..]);
     check_label_dims(labels, &expected, "probas", dims)?;
-    let x = upcast(probas, "probas")?.reshape((batch, n_classes, spatial))?;
+    let x = upcast(probas, "probas")?;
     let host = HostLabels::new(labels, n_classes, cfg.ignore_index, "lovasz_softmax labels")?;
 
     let weights: Vec<f64> = match &cfg.class_weights {
@@ -135,6 +135,7 @@ fn prepare(probas: &Tensor, labels: &Tensor, cfg: &LovaszSoftmaxConfig) -> Resul
     };
     Ok(Prepared {
         x,
+        dims: (batch, n_classes, spatial),
         spec: LossSpec {
             labels: host.values,
             per_image: cfg.per_image,
