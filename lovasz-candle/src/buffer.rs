@@ -3,7 +3,7 @@
 //! about 18,000 page faults; in 2 MiB pages, 36.
 
 /// Buffers below this size are left to the allocator as they are.
-const HUGE_MIN_BYTES: usize = 4 << 20;
+const HUGE_MIN_BYTES: usize = 2 << 20;
 
 /// A vector of `n` zeros of a float type. Fresh memory from `calloc` is zero without
 /// being written, so advising it before the first touch gets huge pages.

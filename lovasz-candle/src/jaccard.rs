@@ -32,6 +32,17 @@ impl JaccardWalk {
         }
     }
 
+    /// Resumes a walk after `fg_seen` foreground and `bg_seen` background pixels: the same
+    /// state, bit for bit, as stepping over them.
+    pub fn resume(gts: u64, fg_seen: u64, bg_seen: u64) -> Self {
+        Self {
+            gts,
+            fg_seen,
+            bg_seen,
+            inv_union: 1.0 / (gts + bg_seen) as f64,
+        }
+    }
+
     /// Advances by one sorted pixel and returns its weight `J_k - J_(k-1)`.
     #[inline]
     pub fn step(&mut self, fg: bool) -> f64 {
@@ -134,6 +145,21 @@ mod tests {
             let w = walk.step(is_fg);
             assert!((w - (j - prev)).abs() < 1e-15, "{w} vs {}", j - prev);
             prev = j;
+        }
+    }
+
+    #[test]
+    fn a_resumed_walk_continues_bit_for_bit() {
+        let fg: Vec<bool> = (0..50).map(|i| i % 7 == 2 || i % 11 == 0).collect();
+        let gts = fg.iter().filter(|&&f| f).count() as u64;
+        let mut whole = JaccardWalk::new(gts);
+        let all: Vec<f64> = fg.iter().map(|&f| whole.step(f)).collect();
+        for split in [0, 1, 13, 49, 50] {
+            let f_before = fg[..split].iter().filter(|&&f| f).count() as u64;
+            let mut resumed = JaccardWalk::resume(gts, f_before, split as u64 - f_before);
+            for (i, &f) in fg.iter().enumerate().skip(split) {
+                assert_eq!(resumed.step(f).to_bits(), all[i].to_bits(), "split {split}");
+            }
         }
     }
 

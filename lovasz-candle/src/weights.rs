@@ -94,8 +94,15 @@ pub(crate) trait Real: candle::WithDType + PartialOrd {
     /// The error a key was made from.
     fn error(p: Self::Packed) -> Self;
     fn exp(self) -> Self;
-    /// Sorts ascending; `scratch` is reusable working memory.
-    fn sort(keys: &mut [Self::Packed], scratch: &mut Vec<Self::Packed>, parallel: bool);
+    /// Sorts ascending; `scratch` is working memory (the vectors may be swapped).
+    fn sort(keys: &mut Vec<Self::Packed>, scratch: &mut Vec<Self::Packed>);
+    /// Sorts the concatenation of `pieces` ascending into `out` on all rayon threads;
+    /// `spare` is working memory.
+    fn par_sort(
+        pieces: &[Vec<Self::Packed>],
+        out: &mut Vec<Self::Packed>,
+        spare: &mut Vec<Self::Packed>,
+    );
 }
 
 /// The low word of a packed key: index, slope bit, foreground bit.
@@ -138,12 +145,11 @@ impl Real for f32 {
             !ascending
         })
     }
-    fn sort(keys: &mut [u64], scratch: &mut Vec<u64>, parallel: bool) {
-        if parallel {
-            crate::radix::par_sort_by_high_word(keys);
-        } else {
-            crate::radix::sort_by_high_word(keys, scratch);
-        }
+    fn sort(keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
+        crate::radix::sort_by_high_word(keys, scratch);
+    }
+    fn par_sort(pieces: &[Vec<u64>], out: &mut Vec<u64>, spare: &mut Vec<u64>) {
+        crate::radix::par_sort_pieces(pieces, out, spare);
     }
 }
 
@@ -175,12 +181,16 @@ impl Real for f64 {
             !ascending
         })
     }
-    fn sort(keys: &mut [u128], _scratch: &mut Vec<u128>, parallel: bool) {
-        if parallel {
-            keys.par_sort_unstable();
-        } else {
-            keys.sort_unstable();
+    fn sort(keys: &mut Vec<u128>, _scratch: &mut Vec<u128>) {
+        keys.sort_unstable();
+    }
+    fn par_sort(pieces: &[Vec<u128>], out: &mut Vec<u128>, _spare: &mut Vec<u128>) {
+        out.clear();
+        out.reserve(pieces.iter().map(Vec::len).sum());
+        for piece in pieces {
+            out.extend_from_slice(piece);
         }
+        out.par_sort_unstable();
     }
 }
 
@@ -296,12 +306,19 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
     }
 
     let mut values = crate::buffer::zeroed::<T>(b_n * c_n * s_n);
-    let mut chunks: Vec<Option<&mut [T]>> = values.chunks_mut(s_n).map(Some).collect();
+    // Output rows are (image, channel) pairs. With one channel, a group's rows are
+    // adjacent and are handed out as one slice, written in place.
+    let rows_per_out = match groups.first() {
+        Some(g) if c_n == 1 => g.len().max(1),
+        _ => 1,
+    };
+    let mut chunks: Vec<Option<&mut [T]>> =
+        values.chunks_mut(s_n * rows_per_out).map(Some).collect();
     let mut work = Vec::with_capacity(jobs.len());
     for job in &jobs {
         let mut outs = Vec::with_capacity(groups[job.group].len());
-        for b in groups[job.group].clone() {
-            match chunks[b * c_n + job.channel].take() {
+        for b in groups[job.group].clone().step_by(rows_per_out) {
+            match chunks[(b * c_n + job.channel) / rows_per_out].take() {
                 Some(chunk) => outs.push(chunk),
                 None => bail!("lovasz kernel: two jobs share a channel (internal error)"),
             }
@@ -309,7 +326,7 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
         work.push((job, outs));
     }
     let threads = rayon::current_num_threads();
-    let parallel_sort = jobs.len() < threads;
+    let parallel = jobs.len() < threads;
     // About two tasks per thread: each reuses one workspace for all its jobs.
     let per_task = jobs.len().div_ceil(2 * threads).max(1);
     let parts: Vec<(usize, JobSums)> = work
@@ -317,7 +334,7 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
         .with_min_len(per_task)
         .map_init(Workspace::default, |ws, (job, mut outs)| {
             let images = groups[job.group].clone();
-            let sums = run_job(p, images, job, &mut outs, parallel_sort, ws);
+            let sums = run_job(p, images, job, &mut outs, parallel, ws);
             (job.group, sums)
         })
         .collect();
@@ -359,45 +376,44 @@ impl<T: Real> Default for Workspace<T> {
     }
 }
 
+/// Keys per piece when one job is split over threads (key building and the walk). The
+/// walk sums its loss per piece in both modes, so results do not depend on the mode.
+const PIECE: usize = 1 << 16;
+
 /// One (group, class) job: rank the errors, walk the Jaccard gradient, write the outputs.
+/// With `parallel`, the job itself is split over the rayon threads.
 fn run_job<T: Real>(
     p: &Problem<T>,
     images: Range<usize>,
     job: &Job,
     outs: &mut [&mut [T]],
-    parallel_sort: bool,
+    parallel: bool,
     ws: &mut Workspace<T>,
 ) -> JobSums {
     let s_n = p.spatial;
+    let n = images.len() * s_n;
     let keys = &mut ws.keys;
-    crate::buffer::reserve_empty(keys, images.len() * s_n);
-    // A hinge error <= 0 has relu weight 0 and sorts after every positive one, so it
-    // changes no other pixel's rank: in linear mode such pixels are left out (their
-    // coefficient stays 0). The weights `W` need every pixel.
-    let drop_nonpositive = p.kind == ErrorKind::Hinge && p.output == Output::Linear;
-    for (li, b) in images.clone().enumerate() {
-        let x = &p.data[(b * p.channels + job.channel) * s_n..][..s_n];
-        let labels = &p.labels[b * s_n..][..s_n];
-        let base = (li * s_n) as u32;
-        match p.kind {
-            ErrorKind::Abs => push_keys(keys, x, labels, job.class, base, false, |x, fg| {
-                ErrorKind::Abs.error(x, fg)
-            }),
-            ErrorKind::Hinge => push_keys(
-                keys,
-                x,
-                labels,
-                job.class,
-                base,
-                drop_nonpositive,
-                |x, fg| ErrorKind::Hinge.error(x, fg),
-            ),
-        }
+    let build = |pixels: Range<usize>, keys: &mut Vec<T::Packed>| {
+        build_keys(p, images.start, pixels, job.class, job.channel, keys)
+    };
+    if parallel && n >= 2 * PIECE {
+        let pieces: Vec<Vec<T::Packed>> = (0..n.div_ceil(PIECE))
+            .into_par_iter()
+            .map(|i| {
+                let mut piece = Vec::with_capacity(PIECE);
+                build(i * PIECE..n.min((i + 1) * PIECE), &mut piece);
+                piece
+            })
+            .collect();
+        T::par_sort(&pieces, keys, &mut ws.scratch);
+    } else {
+        crate::buffer::reserve_empty(keys, n);
+        build(0..n, keys);
+        T::sort(keys, &mut ws.scratch);
     }
     if keys.is_empty() {
         return JobSums::default();
     }
-    T::sort(keys, &mut ws.scratch, parallel_sort);
     // Everything the outputs need is in the keys, so one walk writes them. A single image
     // is written in place; several go through one compact buffer (random writes stay in
     // one allocation) and are then copied out.
@@ -406,29 +422,70 @@ fn run_job<T: Real>(
     let target: &mut [T] = match outs {
         [single] => single,
         _ => {
-            crate::buffer::reserve_empty(buffer, images.len() * s_n);
-            buffer.resize(images.len() * s_n, T::zero());
+            crate::buffer::reserve_empty(buffer, n);
+            buffer.resize(n, T::zero());
             buffer
         }
     };
-    let walk = JaccardWalk::new(job.gts);
+    let (gts, scale) = (job.gts, job.scale);
     let sums = match (p.output, p.kind) {
-        (Output::Weights, _) => walk_keys(keys, target, walk, job.scale, |w, _| (w, 0.0, 0.0)),
-        (Output::Linear, ErrorKind::Abs) => walk_keys(keys, target, walk, job.scale, |w, key| {
+        (Output::Weights, _) => walk(keys, target, gts, scale, parallel, |w, _| (w, 0.0, 0.0)),
+        (Output::Linear, ErrorKind::Abs) => walk(keys, target, gts, scale, parallel, |w, key| {
             let (_, slope, fg) = T::unpack(key);
             ErrorKind::Abs.linear(w, T::error(key).to_f64(), slope, fg)
         }),
-        (Output::Linear, ErrorKind::Hinge) => walk_keys(keys, target, walk, job.scale, |w, key| {
+        (Output::Linear, ErrorKind::Hinge) => walk(keys, target, gts, scale, parallel, |w, key| {
             let (_, slope, fg) = T::unpack(key);
             ErrorKind::Hinge.linear(w, T::error(key).to_f64(), slope, fg)
         }),
     };
-    if several {
+    if several && parallel {
+        outs.par_iter_mut()
+            .zip(ws.buffer.par_chunks(s_n))
+            .for_each(|(out, chunk)| out.copy_from_slice(chunk));
+    } else if several {
         for (out, chunk) in outs.iter_mut().zip(ws.buffer.chunks(s_n)) {
             out.copy_from_slice(chunk);
         }
     }
     sums
+}
+
+/// Appends the keys of the group-local pixels `pixels` (pixel `i` of the group is pixel
+/// `i % S` of image `first_image + i / S`) for one class, in pixel order.
+fn build_keys<T: Real>(
+    p: &Problem<T>,
+    first_image: usize,
+    pixels: Range<usize>,
+    class: u32,
+    channel: usize,
+    keys: &mut Vec<T::Packed>,
+) {
+    let s_n = p.spatial;
+    // A hinge error <= 0 has relu weight 0 and sorts after every positive one, so it
+    // changes no other pixel's rank: in linear mode such pixels are left out (their
+    // coefficient stays 0). The weights `W` need every pixel.
+    let drop_nonpositive = p.kind == ErrorKind::Hinge && p.output == Output::Linear;
+    let mut at = pixels.start;
+    while at < pixels.end {
+        let (li, i0) = (at / s_n, at % s_n);
+        let i1 = s_n.min(i0 + pixels.end - at);
+        let b = first_image + li;
+        let x = &p.data[(b * p.channels + channel) * s_n..][i0..i1];
+        let labels = &p.labels[b * s_n..][i0..i1];
+        let base = at as u32;
+        match p.kind {
+            ErrorKind::Abs => push_keys(keys, x, labels, class, base, false, |x, fg| {
+                ErrorKind::Abs.error(x, fg)
+            }),
+            ErrorKind::Hinge => {
+                push_keys(keys, x, labels, class, base, drop_nonpositive, |x, fg| {
+                    ErrorKind::Hinge.error(x, fg)
+                })
+            }
+        }
+        at += i1 - i0;
+    }
 }
 
 /// Appends the packed keys of one image's row `x` (labels `labels`, pixel indices from
@@ -466,24 +523,107 @@ fn push_keys<T: Real>(
     }
 }
 
-/// Walks sorted keys once: the Jaccard weight of each (times `scale`) goes through `out`,
-/// which returns `(value written, share of K, share of the loss)`.
-#[inline(always)]
-fn walk_keys<T: Real>(
+/// Walks the sorted keys once, writing each pixel's value into `target` at its index:
+/// `out` maps (Jaccard weight times `scale`, key) to (value, share of K, share of the
+/// loss). With `parallel`, pieces of the keys are walked on all threads, each starting
+/// from the foreground and background counts before it.
+fn walk<T: Real, F>(
     keys: &[T::Packed],
     target: &mut [T],
-    mut walk: JaccardWalk,
+    gts: u64,
     scale: f64,
-    out: impl Fn(f64, T::Packed) -> (f64, f64, f64),
+    parallel: bool,
+    out: F,
+) -> JobSums
+where
+    F: Fn(f64, T::Packed) -> (f64, f64, f64) + Sync,
+{
+    let sums: Vec<JobSums> = if parallel && keys.len() >= 2 * PIECE {
+        let fg: Vec<u64> = keys
+            .par_chunks(PIECE)
+            .map(|c| c.iter().filter(|&&k| T::unpack(k).2).count() as u64)
+            .collect();
+        let mut starts = Vec::with_capacity(fg.len());
+        let mut fg_before = 0;
+        for (i, f) in fg.iter().enumerate() {
+            starts.push(JaccardWalk::resume(
+                gts,
+                fg_before,
+                (i * PIECE) as u64 - fg_before,
+            ));
+            fg_before += f;
+        }
+        let shared = DisjointWrites::new(target);
+        keys.par_chunks(PIECE)
+            .zip(starts)
+            .map(|(piece, mut jw)| {
+                walk_piece(piece, &mut jw, scale, &out, |i, v| {
+                    // SAFETY: every key carries a distinct pixel index (one key is built per
+                    // pixel), so no two writes, on any threads, share an index.
+                    unsafe { shared.write(i, v) }
+                })
+            })
+            .collect()
+    } else {
+        let mut jw = JaccardWalk::new(gts);
+        keys.chunks(PIECE)
+            .map(|piece| walk_piece(piece, &mut jw, scale, &out, |i, v| target[i] = v))
+            .collect()
+    };
+    sums.into_iter().fold(JobSums::default(), |a, b| JobSums {
+        offset: a.offset + b.offset,
+        loss: a.loss + b.loss,
+    })
+}
+
+/// One piece of [`walk`]: advances `jw` over `keys`, hands each value to `write`.
+#[inline(always)]
+fn walk_piece<T: Real>(
+    keys: &[T::Packed],
+    jw: &mut JaccardWalk,
+    scale: f64,
+    out: &impl Fn(f64, T::Packed) -> (f64, f64, f64),
+    mut write: impl FnMut(usize, T),
 ) -> JobSums {
     // Local accumulators stay in registers (fields of a struct were spilled each step).
     let (mut offset, mut loss) = (0.0, 0.0);
     for &key in keys {
         let (idx, _, fg) = T::unpack(key);
-        let (value, k, l) = out(walk.step(fg) * scale, key);
-        target[idx] = T::from_f64(value);
+        let (value, k, l) = out(jw.step(fg) * scale, key);
+        write(idx, T::from_f64(value));
         offset += k;
         loss += l;
     }
     JobSums { offset, loss }
+}
+
+/// A slice written from several threads at distinct indices.
+struct DisjointWrites<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _slice: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: shared use only writes through `write`, whose contract rules out two writes to
+// one index; `T: Send` values may be moved into the slice from any thread.
+unsafe impl<T: Send> Sync for DisjointWrites<'_, T> {}
+
+impl<'a, T> DisjointWrites<'a, T> {
+    fn new(slice: &'a mut [T]) -> Self {
+        Self {
+            ptr: slice.as_mut_ptr(),
+            len: slice.len(),
+            _slice: std::marker::PhantomData,
+        }
+    }
+
+    /// Writes `value` at `index` (checked against the length).
+    ///
+    /// # Safety
+    /// No other call, on any thread, may write the same index while the slice is shared.
+    unsafe fn write(&self, index: usize, value: T) {
+        assert!(index < self.len, "index {index} out of {}", self.len);
+        // SAFETY: in bounds (checked above), and no other thread touches this element.
+        unsafe { self.ptr.add(index).write(value) }
+    }
 }

@@ -579,6 +579,76 @@ fn cpu_and_device_paths_agree_on_large_inputs() -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` on a rayon pool of `threads` threads.
+fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a rayon pool")
+        .install(f)
+}
+
+#[test]
+fn one_job_split_over_threads_gives_the_serial_result_bit_for_bit() -> Result<()> {
+    // Fewer (group, class) jobs than threads splits each job's key building, sort and walk
+    // over the threads; with one thread the same job runs serially. 3 x 200 x 300 pixels
+    // in one group is several pieces of 2^16 keys. Void pixels and hinge errors <= 0 make
+    // the pieces uneven.
+    let (b, h, w) = (3, 200, 300);
+    let n = b * h * w;
+    let mut state = 99u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let logits: Vec<f32> = (0..n).map(|_| 3.0 * next() - 1.0).collect();
+    let labels: Vec<u32> = (0..n)
+        .map(|i| {
+            if i % 17 == 0 {
+                255
+            } else {
+                u32::from(next() < 0.3)
+            }
+        })
+        .collect();
+    let x = Tensor::from_vec(logits, (b, h, w), &DEV)?;
+    let l = Tensor::from_vec(labels, (b, h, w), &DEV)?;
+    let hinge = LovaszHingeConfig {
+        per_image: false,
+        ignore_index: Some(255),
+    };
+    let sigmoid = LovaszSigmoidConfig {
+        per_image: false,
+        ignore_index: Some(255),
+    };
+    let run = |threads: usize| -> Result<Vec<Vec<u64>>> {
+        on_threads(threads, || {
+            let mut all = Vec::new();
+            // f32 keys take the radix sort, f64 keys a comparison sort.
+            for dtype in [DType::F32, DType::F64] {
+                let x = x.to_dtype(dtype)?;
+                let p = candle_nn::ops::sigmoid(&x)?;
+                let (hv, hg) = value_and_grad(&x, |t| lovasz_hinge(t, &l, &hinge))?;
+                let (sv, sg) = value_and_grad(&p, |t| lovasz_sigmoid(t, &l, &sigmoid))?;
+                for (v, g) in [(hv, hg), (sv, sg)] {
+                    let mut bits = vec![v.to_bits()];
+                    let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                    bits.extend(g.iter().map(|g| g.to_bits()));
+                    all.push(bits);
+                }
+            }
+            Ok(all)
+        })
+    };
+    let serial = run(1)?;
+    for threads in [2, 3] {
+        assert!(serial == run(threads)?, "{threads} threads differ from one");
+    }
+    Ok(())
+}
+
 #[test]
 fn nan_at_a_void_pixel_gives_nan_on_both_paths() -> Result<()> {
     let mut v = probas(1, 2, 2, 2, 13)?.flatten_all()?.to_vec1::<f32>()?;
