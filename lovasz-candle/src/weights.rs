@@ -585,15 +585,18 @@ fn walk_piece<T: Real>(
     out: &impl Fn(f64, T::Packed) -> (f64, f64, f64),
     mut write: impl FnMut(usize, T),
 ) -> JobSums {
-    // Local accumulators stay in registers (fields of a struct were spilled each step).
+    // Local copies stay in registers: through `&mut`, the walk's state and the sums were
+    // stored to memory and reloaded at every step.
     let (mut offset, mut loss) = (0.0, 0.0);
+    let mut walk = jw.clone();
     for &key in keys {
         let (idx, _, fg) = T::unpack(key);
-        let (value, k, l) = out(jw.step(fg) * scale, key);
+        let (value, k, l) = out(walk.step(fg) * scale, key);
         write(idx, T::from_f64(value));
         offset += k;
         loss += l;
     }
+    *jw = walk;
     JobSums { offset, loss }
 }
 
