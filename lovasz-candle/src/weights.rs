@@ -251,10 +251,12 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
         std::iter::once(0..b_n).collect()
     };
     if let Some(g) = groups.first() {
-        if g.len() * s_n > (u32::MAX >> 2) as usize {
+        // Keys hold (image in group, pixel) as `image << shift | pixel` in 30 bits.
+        let last = (g.len().saturating_sub(1) << index_shift(s_n)) | s_n.saturating_sub(1);
+        if last >= 1 << 30 {
             bail!(
-                "lovasz kernel: a group of {} pixels exceeds the 2^30 pixels one sort can index; use per_image or smaller batches",
-                g.len() * s_n
+                "lovasz kernel: a group of {} images of {s_n} pixels exceeds the 2^30 pixel indices one sort can hold; use per_image or smaller batches",
+                g.len()
             )
         }
     }
@@ -306,19 +308,12 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
     }
 
     let mut values = crate::buffer::zeroed::<T>(b_n * c_n * s_n);
-    // Output rows are (image, channel) pairs. With one channel, a group's rows are
-    // adjacent and are handed out as one slice, written in place.
-    let rows_per_out = match groups.first() {
-        Some(g) if c_n == 1 => g.len().max(1),
-        _ => 1,
-    };
-    let mut chunks: Vec<Option<&mut [T]>> =
-        values.chunks_mut(s_n * rows_per_out).map(Some).collect();
+    let mut chunks: Vec<Option<&mut [T]>> = values.chunks_mut(s_n).map(Some).collect();
     let mut work = Vec::with_capacity(jobs.len());
     for job in &jobs {
         let mut outs = Vec::with_capacity(groups[job.group].len());
-        for b in groups[job.group].clone().step_by(rows_per_out) {
-            match chunks[(b * c_n + job.channel) / rows_per_out].take() {
+        for b in groups[job.group].clone() {
+            match chunks[b * c_n + job.channel].take() {
                 Some(chunk) => outs.push(chunk),
                 None => bail!("lovasz kernel: two jobs share a channel (internal error)"),
             }
@@ -363,7 +358,6 @@ struct JobSums {
 struct Workspace<T: Real> {
     keys: Vec<T::Packed>,
     scratch: Vec<T::Packed>,
-    buffer: Vec<T>,
 }
 
 impl<T: Real> Default for Workspace<T> {
@@ -371,7 +365,6 @@ impl<T: Real> Default for Workspace<T> {
         Self {
             keys: Vec::new(),
             scratch: Vec::new(),
-            buffer: Vec::new(),
         }
     }
 }
@@ -414,41 +407,32 @@ fn run_job<T: Real>(
     if keys.is_empty() {
         return JobSums::default();
     }
-    // Everything the outputs need is in the keys, so one walk writes them. A single image
-    // is written in place; several go through one compact buffer (random writes stay in
-    // one allocation) and are then copied out.
-    let several = outs.len() > 1;
-    let buffer = &mut ws.buffer;
-    let target: &mut [T] = match outs {
-        [single] => single,
-        _ => {
-            crate::buffer::reserve_empty(buffer, n);
-            buffer.resize(n, T::zero());
-            buffer
-        }
-    };
+    // Everything the outputs need is in the keys, so one walk writes them, in place.
+    let shift = index_shift(s_n);
     let (gts, scale) = (job.gts, job.scale);
-    let sums = match (p.output, p.kind) {
-        (Output::Weights, _) => walk(keys, target, gts, scale, parallel, |w, _| (w, 0.0, 0.0)),
-        (Output::Linear, ErrorKind::Abs) => walk(keys, target, gts, scale, parallel, |w, key| {
-            let (_, slope, fg) = T::unpack(key);
-            ErrorKind::Abs.linear(w, T::error(key).to_f64(), slope, fg)
+    match (p.output, p.kind) {
+        (Output::Weights, _) => walk(keys, outs, shift, gts, scale, parallel, |w, _| {
+            (w, 0.0, 0.0)
         }),
-        (Output::Linear, ErrorKind::Hinge) => walk(keys, target, gts, scale, parallel, |w, key| {
-            let (_, slope, fg) = T::unpack(key);
-            ErrorKind::Hinge.linear(w, T::error(key).to_f64(), slope, fg)
-        }),
-    };
-    if several && parallel {
-        outs.par_iter_mut()
-            .zip(ws.buffer.par_chunks(s_n))
-            .for_each(|(out, chunk)| out.copy_from_slice(chunk));
-    } else if several {
-        for (out, chunk) in outs.iter_mut().zip(ws.buffer.chunks(s_n)) {
-            out.copy_from_slice(chunk);
+        (Output::Linear, ErrorKind::Abs) => {
+            walk(keys, outs, shift, gts, scale, parallel, |w, key| {
+                let (_, slope, fg) = T::unpack(key);
+                ErrorKind::Abs.linear(w, T::error(key).to_f64(), slope, fg)
+            })
+        }
+        (Output::Linear, ErrorKind::Hinge) => {
+            walk(keys, outs, shift, gts, scale, parallel, |w, key| {
+                let (_, slope, fg) = T::unpack(key);
+                ErrorKind::Hinge.linear(w, T::error(key).to_f64(), slope, fg)
+            })
         }
     }
-    sums
+}
+
+/// Bits of a key's pixel index that hold the pixel within its image: enough for
+/// `spatial - 1`. The image within the group is in the bits above.
+fn index_shift(spatial: usize) -> u32 {
+    usize::BITS - spatial.saturating_sub(1).leading_zeros()
 }
 
 /// Appends the keys of the group-local pixels `pixels` (pixel `i` of the group is pixel
@@ -473,7 +457,7 @@ fn build_keys<T: Real>(
         let b = first_image + li;
         let x = &p.data[(b * p.channels + channel) * s_n..][i0..i1];
         let labels = &p.labels[b * s_n..][i0..i1];
-        let base = at as u32;
+        let base = (li << index_shift(s_n) | i0) as u32;
         match p.kind {
             ErrorKind::Abs => push_keys(keys, x, labels, class, base, false, |x, fg| {
                 ErrorKind::Abs.error(x, fg)
@@ -523,13 +507,15 @@ fn push_keys<T: Real>(
     }
 }
 
-/// Walks the sorted keys once, writing each pixel's value into `target` at its index:
-/// `out` maps (Jaccard weight times `scale`, key) to (value, share of K, share of the
-/// loss). With `parallel`, pieces of the keys are walked on all threads, each starting
-/// from the foreground and background counts before it.
+/// Walks the sorted keys once, writing each pixel's value into its image's row of `rows`
+/// (pixel index `image << shift | pixel`): `out` maps (Jaccard weight times `scale`, key)
+/// to (value, share of K, share of the loss). With `parallel`, pieces of the keys are
+/// walked on all threads, each starting from the foreground and background counts before
+/// it.
 fn walk<T: Real, F>(
     keys: &[T::Packed],
-    target: &mut [T],
+    rows: &mut [&mut [T]],
+    shift: u32,
     gts: u64,
     scale: f64,
     parallel: bool,
@@ -538,6 +524,7 @@ fn walk<T: Real, F>(
 where
     F: Fn(f64, T::Packed) -> (f64, f64, f64) + Sync,
 {
+    let mask = (1usize << shift) - 1;
     let sums: Vec<JobSums> = if parallel && keys.len() >= 2 * PIECE {
         let fg: Vec<u64> = keys
             .par_chunks(PIECE)
@@ -553,21 +540,26 @@ where
             ));
             fg_before += f;
         }
-        let shared = DisjointWrites::new(target);
+        let shared: Vec<DisjointWrites<T>> =
+            rows.iter_mut().map(|r| DisjointWrites::new(r)).collect();
         keys.par_chunks(PIECE)
             .zip(starts)
             .map(|(piece, mut jw)| {
                 walk_piece(piece, &mut jw, scale, &out, |i, v| {
                     // SAFETY: every key carries a distinct pixel index (one key is built per
-                    // pixel), so no two writes, on any threads, share an index.
-                    unsafe { shared.write(i, v) }
+                    // pixel), so no two writes, on any threads, share an element.
+                    unsafe { shared[i >> shift].write(i & mask, v) }
                 })
             })
             .collect()
     } else {
         let mut jw = JaccardWalk::new(gts);
         keys.chunks(PIECE)
-            .map(|piece| walk_piece(piece, &mut jw, scale, &out, |i, v| target[i] = v))
+            .map(|piece| {
+                walk_piece(piece, &mut jw, scale, &out, |i, v| {
+                    rows[i >> shift][i & mask] = v
+                })
+            })
             .collect()
     };
     sums.into_iter().fold(JobSums::default(), |a, b| JobSums {
