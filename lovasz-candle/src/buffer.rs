@@ -43,6 +43,20 @@ pub(crate) fn reserve_empty<T>(v: &mut Vec<T>, n: usize) {
     }
 }
 
+/// Sets `v` to exactly `n` elements of working memory whose values are unspecified:
+/// elements already there are kept as they are (not written again), only new ones are
+/// zero.
+pub(crate) fn working<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+    if v.capacity() < n {
+        // A fresh allocation, advised before its first touch; old contents are not needed.
+        reserve_empty(v, n);
+    }
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    v.truncate(n);
+}
+
 /// Asks for huge pages on the whole 2 MiB pages inside `[ptr, ptr + bytes)`. A hint only:
 /// failures are ignored, and other systems do nothing.
 #[cfg(target_os = "linux")]
@@ -77,6 +91,17 @@ mod tests {
         }
         let v: Vec<f64> = zeroed(HUGE_MIN_BYTES / 8 + 1);
         assert!(v.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn working_memory_has_the_asked_length() {
+        let mut v = vec![5u64; 10];
+        working(&mut v, 4);
+        assert_eq!(v, vec![5; 4]);
+        working(&mut v, 12);
+        assert_eq!(v.len(), 12);
+        working(&mut v, HUGE_MIN_BYTES / 8 + 1);
+        assert_eq!(v.len(), HUGE_MIN_BYTES / 8 + 1);
     }
 
     #[test]
