@@ -87,13 +87,19 @@ pub(crate) struct Solved<T> {
 pub(crate) trait Real: candle::WithDType + PartialOrd {
     /// (descending error key, pixel index, slope bit, foreground bit) packed so that
     /// ascending integer order is descending error order, ties by ascending index.
-    type Packed: Ord + Copy + Send + Sync;
+    type Packed: Ord + Copy + Default + Send + Sync;
     fn pack(err: Self, index: u32, slope: bool, fg: bool) -> Self::Packed;
     /// The pixel index (`< 2^30`), the slope bit and the foreground bit.
     fn unpack(p: Self::Packed) -> (usize, bool, bool);
     /// The error a key was made from.
     fn error(p: Self::Packed) -> Self;
     fn exp(self) -> Self;
+    /// `1` if `b`, else `0`, without a branch.
+    fn indicator(b: bool) -> Self;
+    /// `-self` if `b`, else `self`, without a branch (the sign bit flipped).
+    fn neg_if(self, b: bool) -> Self;
+    /// `|self|` (the sign bit cleared).
+    fn abs(self) -> Self;
     /// Sorts ascending; `scratch` is working memory (the vectors may be swapped).
     fn sort(keys: &mut Vec<Self::Packed>, scratch: &mut Vec<Self::Packed>);
     /// Sorts the concatenation of `pieces` ascending into `out` on all rayon threads;
@@ -120,6 +126,18 @@ impl Real for f32 {
     type Packed = u64;
     fn exp(self) -> f32 {
         f32::exp(self)
+    }
+    #[inline]
+    fn indicator(b: bool) -> f32 {
+        f32::from_bits(u32::from(b) * 0x3f80_0000)
+    }
+    #[inline]
+    fn neg_if(self, b: bool) -> f32 {
+        f32::from_bits(self.to_bits() ^ u32::from(b) << 31)
+    }
+    #[inline]
+    fn abs(self) -> f32 {
+        f32::abs(self)
     }
     #[inline]
     fn pack(err: f32, index: u32, slope: bool, fg: bool) -> u64 {
@@ -157,6 +175,18 @@ impl Real for f64 {
     type Packed = u128;
     fn exp(self) -> f64 {
         f64::exp(self)
+    }
+    #[inline]
+    fn indicator(b: bool) -> f64 {
+        f64::from_bits(u64::from(b) * 0x3ff0_0000_0000_0000)
+    }
+    #[inline]
+    fn neg_if(self, b: bool) -> f64 {
+        f64::from_bits(self.to_bits() ^ u64::from(b) << 63)
+    }
+    #[inline]
+    fn abs(self) -> f64 {
+        f64::abs(self)
     }
     #[inline]
     fn pack(err: f64, index: u32, slope: bool, fg: bool) -> u128 {
@@ -200,18 +230,15 @@ impl ErrorKind {
     /// positive (else relu clamps it to 0).
     #[inline]
     fn error<T: Real>(self, x: T, fg: bool) -> (T, bool) {
-        let one = T::from_f64(1.0);
+        // Sign flips and bit tricks rather than branches on a label that is close to
+        // random in pixel order; the results are the same bits as `1 - x`, `x`, `1 + x`.
         match self {
             ErrorKind::Abs => {
-                let d = if fg { one - x } else { T::zero() - x };
-                if d >= T::zero() {
-                    (d, true)
-                } else {
-                    (T::zero() - d, false)
-                }
+                let d = T::indicator(fg) - x;
+                (d.abs(), d >= T::zero())
             }
             ErrorKind::Hinge => {
-                let e = if fg { one - x } else { one + x };
+                let e = T::from_f64(1.0) + x.neg_if(fg);
                 (e, e > T::zero())
             }
         }
@@ -486,17 +513,20 @@ fn push_keys<T: Real>(
     error: impl Fn(T, bool) -> (T, bool),
 ) {
     if drop_nonpositive || labels.contains(&VOID) {
+        // Every key is written and the end moves past it only if it is kept: no branch
+        // on void labels or on the sign of the error.
+        let start = keys.len();
+        keys.resize(start + x.len(), T::Packed::default());
+        let mut end = start;
         for (i, (&x, &l)) in x.iter().zip(labels).enumerate() {
-            if l == VOID {
-                continue;
-            }
             let fg = l == class;
             let (err, slope) = error(x, fg);
+            keys[end] = T::pack(err, base + i as u32, slope, fg);
             // `err <= 0` is false for NaN: a NaN error reaches the walk like any other.
-            if !(drop_nonpositive && err <= T::zero()) {
-                keys.push(T::pack(err, base + i as u32, slope, fg));
-            }
+            let dropped = drop_nonpositive & (err <= T::zero());
+            end += usize::from((l != VOID) & !dropped);
         }
+        keys.truncate(end);
     } else {
         // No void pixel: a plain map the compiler can keep branch-free.
         keys.extend(x.iter().zip(labels).enumerate().map(|(i, (&x, &l))| {
