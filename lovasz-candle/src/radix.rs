@@ -15,6 +15,10 @@ use rayon::prelude::*;
 /// Below this many keys a comparison sort is faster than the radix passes.
 const SMALL: usize = 1 << 11;
 
+/// From this many keys on, digits of 10 or 11 bits (fewer passes) pay for their larger
+/// histograms.
+const WIDE_MIN: usize = 1 << 15;
+
 /// Bits of the key range that choose a key's bucket in the parallel sort.
 const BIN_BITS: u32 = 12;
 
@@ -51,7 +55,7 @@ fn radix(data: &mut [u64], scratch: &mut [u64]) -> bool {
     // Small inputs keep histograms small; larger ones take fewer, wider passes. Digit
     // widths are constants: a shift by a variable amount made the scatter loop about 35 %
     // slower on x86-64 without BMI2.
-    if n < 1 << 15 {
+    if n < WIDE_MIN {
         match bits.div_ceil(8) {
             1 => passes_of::<1, 8>(data, scratch, lo),
             2 => passes_of::<2, 8>(data, scratch, lo),
@@ -62,7 +66,8 @@ fn radix(data: &mut [u64], scratch: &mut [u64]) -> bool {
         match bits {
             ..=10 => passes_of::<1, 10>(data, scratch, lo),
             11..=20 => passes_of::<2, 10>(data, scratch, lo),
-            21..=30 => passes_of::<3, 10>(data, scratch, lo),
+            21..=22 => passes_of::<2, 11>(data, scratch, lo),
+            23..=30 => passes_of::<3, 10>(data, scratch, lo),
             _ => passes_of::<3, 11>(data, scratch, lo),
         }
     }
