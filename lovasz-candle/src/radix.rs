@@ -252,6 +252,31 @@ mod tests {
     }
 
     #[test]
+    fn every_digit_plan_sorts() {
+        // Key ranges of 1 to 32 bits, on inputs that take the narrow and the wide digits.
+        let mut state = 77u64;
+        for n in [3_000u64, 40_000] {
+            for bits in 1..=32u32 {
+                let keys: Vec<u64> = (0..n)
+                    .map(|i| {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let high = (state >> 32) as u32 >> (32 - bits);
+                        let offset = 0x1234_5678u32.checked_shr(bits).unwrap_or(0);
+                        (u64::from(high.wrapping_add(offset)) << 32) | i
+                    })
+                    .collect();
+                let mut sorted = keys.clone();
+                sort_by_high_word(&mut sorted, &mut vec![9; 5]);
+                let mut reference = keys;
+                reference.sort_unstable();
+                assert!(sorted == reference, "{n} keys over {bits} bits");
+            }
+        }
+    }
+
+    #[test]
     fn small_and_constant_inputs() {
         let mut v: Vec<u64> = (0..5000u64).rev().map(|i| (7 << 32) | (4999 - i)).collect();
         let expected = v.clone();
