@@ -79,7 +79,7 @@ fn passes_of<const P: usize, const W: u32>(data: &mut [u64], scratch: &mut [u64]
     let n = data.len();
     let buckets = 1usize << W;
     let mask = (buckets - 1) as u32;
-    let digit = |k: u64, pass: usize| ((k >> 32) as u32 - lo) >> (pass as u32 * W) & mask;
+    let digit = move |k: u64, pass: usize| ((k >> 32) as u32 - lo) >> (pass as u32 * W) & mask;
     let mut hist = vec![0usize; buckets * P];
     for &k in data.iter() {
         for pass in 0..P {
@@ -159,7 +159,7 @@ fn partition(pieces: &[Vec<u64>], out: &mut [u64]) -> Vec<usize> {
     let bits = 32 - hi.saturating_sub(lo).leading_zeros();
     let shift = bits.saturating_sub(BIN_BITS);
     let bins = 1usize << bits.min(BIN_BITS);
-    let bin = |k: u64| (((k >> 32) as u32 - lo) >> shift) as usize;
+    let bin = move |k: u64| (((k >> 32) as u32 - lo) >> shift) as usize;
     let hists: Vec<Vec<u32>> = pieces
         .par_iter()
         .map(|c| {

@@ -575,7 +575,8 @@ where
         keys.par_chunks(PIECE)
             .zip(starts)
             .map(|(piece, mut jw)| {
-                walk_piece(piece, &mut jw, scale, &out, |i, v| {
+                let shared = &shared;
+                walk_piece(piece, &mut jw, scale, &out, move |i, v| {
                     // SAFETY: every key carries a distinct pixel index (one key is built per
                     // pixel), so no two writes, on any threads, share an element.
                     unsafe { shared[i >> shift].write(i & mask, v) }
@@ -586,7 +587,8 @@ where
         let mut jw = JaccardWalk::new(gts);
         keys.chunks(PIECE)
             .map(|piece| {
-                walk_piece(piece, &mut jw, scale, &out, |i, v| {
+                let rows = &mut *rows;
+                walk_piece(piece, &mut jw, scale, &out, move |i, v| {
                     rows[i >> shift][i & mask] = v
                 })
             })
