@@ -116,11 +116,13 @@ fn passes_of<const P: usize, const W: u32>(data: &mut [u64], scratch: &mut [u64]
 /// Sorts the concatenation of `pieces` as [`sort_by_high_word`] does, on all rayon
 /// threads, into `out`; `spare` is working memory. Keys must be distinct (the kernel's
 /// carry their pixel index) and their lower words increasing along the concatenation.
-pub(crate) fn par_sort_pieces(pieces: &[Vec<u64>], out: &mut Vec<u64>, spare: &mut Vec<u64>) {
+pub(crate) fn par_sort_pieces(pieces: Vec<Vec<u64>>, out: &mut Vec<u64>, spare: &mut Vec<u64>) {
     let n: usize = pieces.iter().map(Vec::len).sum();
     crate::buffer::working(out, n);
+    let bucket_lens = partition(&pieces, out);
+    // The pieces go before the working memory comes: two copies of the keys at a time.
+    drop(pieces);
     crate::buffer::working(spare, n);
-    let bucket_lens = partition(pieces, out);
     // Buckets are whole key ranges in order: sorting each sorts everything.
     let mut parts = Vec::with_capacity(bucket_lens.len());
     let (mut data, mut free): (&mut [u64], &mut [u64]) = (out, spare);
@@ -245,7 +247,7 @@ mod tests {
             for piece in [1000, 40_000, 150_000] {
                 let pieces: Vec<Vec<u64>> = keys.chunks(piece).map(<[u64]>::to_vec).collect();
                 let (mut out, mut spare) = (vec![7u64; 3], Vec::new());
-                pool.install(|| par_sort_pieces(&pieces, &mut out, &mut spare));
+                pool.install(|| par_sort_pieces(pieces, &mut out, &mut spare));
                 assert_eq!(out, reference, "{threads} threads, pieces of {piece}");
             }
         }

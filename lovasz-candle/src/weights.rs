@@ -105,7 +105,7 @@ pub(crate) trait Real: candle::WithDType + PartialOrd {
     /// Sorts the concatenation of `pieces` ascending into `out` on all rayon threads;
     /// `spare` is working memory.
     fn par_sort(
-        pieces: &[Vec<Self::Packed>],
+        pieces: Vec<Vec<Self::Packed>>,
         out: &mut Vec<Self::Packed>,
         spare: &mut Vec<Self::Packed>,
     );
@@ -166,7 +166,7 @@ impl Real for f32 {
     fn sort(keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
         crate::radix::sort_by_high_word(keys, scratch);
     }
-    fn par_sort(pieces: &[Vec<u64>], out: &mut Vec<u64>, spare: &mut Vec<u64>) {
+    fn par_sort(pieces: Vec<Vec<u64>>, out: &mut Vec<u64>, spare: &mut Vec<u64>) {
         crate::radix::par_sort_pieces(pieces, out, spare);
     }
 }
@@ -214,10 +214,10 @@ impl Real for f64 {
     fn sort(keys: &mut Vec<u128>, _scratch: &mut Vec<u128>) {
         keys.sort_unstable();
     }
-    fn par_sort(pieces: &[Vec<u128>], out: &mut Vec<u128>, _spare: &mut Vec<u128>) {
+    fn par_sort(pieces: Vec<Vec<u128>>, out: &mut Vec<u128>, _spare: &mut Vec<u128>) {
         out.clear();
         out.reserve(pieces.iter().map(Vec::len).sum());
-        for piece in pieces {
+        for piece in &pieces {
             out.extend_from_slice(piece);
         }
         out.par_sort_unstable();
@@ -425,7 +425,7 @@ fn run_job<T: Real>(
                 piece
             })
             .collect();
-        T::par_sort(&pieces, keys, &mut ws.scratch);
+        T::par_sort(pieces, keys, &mut ws.scratch);
     } else {
         crate::buffer::reserve_empty(keys, n);
         build(0..n, keys);
