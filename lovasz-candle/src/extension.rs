@@ -104,7 +104,7 @@ impl Prepared {
             groups: self.spec.groups(self.dims.0),
             dims: self.dims,
             group_scale: self.group_scale(reduction)?,
-            spec: self.spec,
+            spec: Mutex::new(Some(self.spec)),
             from_logits,
             coefficients: Mutex::new(None),
         };
@@ -222,7 +222,8 @@ fn softmax_backward<T: Real>(p: &[T], a: &mut [T], (_, c_n, s_n): (usize, usize,
 /// The CPU path: one op whose forward runs the kernel and returns the per-group losses
 /// `[G]`, and whose backward multiplies the kept coefficients by the incoming gradient.
 struct FusedLovasz {
-    spec: LossSpec,
+    /// Taken by the forward pass, so that the labels are freed before the backward pass.
+    spec: Mutex<Option<LossSpec>>,
     groups: usize,
     /// `(B, C, S)` of the input.
     dims: (usize, usize, usize),
@@ -250,9 +251,15 @@ impl FusedLovasz {
         } else {
             input
         };
-        let mut solved = self
-            .spec
-            .solve(data, dims, Output::Linear, self.group_scale)?;
+        let spec = match self.spec.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(_) => bail!("lovasz: loss spec poisoned by an earlier panic"),
+        };
+        let Some(spec) = spec else {
+            bail!("lovasz: the forward pass of this op ran twice (internal error)")
+        };
+        let mut solved = spec.solve(data, dims, Output::Linear, self.group_scale)?;
+        drop(spec);
         if self.from_logits {
             softmax_backward(data, &mut solved.values, dims);
         }
