@@ -15,6 +15,9 @@
 //!
 //! Work is split into one job per (group, class), run in parallel with rayon; each job
 //! sorts packed (error key, pixel index) integers and walks them once with exact counts.
+//! With fewer jobs than threads, each job is itself split: its keys are built in pieces,
+//! sorted by a parallel partition ([`crate::radix::par_sort_pieces`]) and walked in
+//! pieces that resume from the counts before them, with the same results bit for bit.
 
 use std::ops::Range;
 
