@@ -5,20 +5,36 @@
 /// Buffers below this size are left to the allocator as they are.
 const HUGE_MIN_BYTES: usize = 2 << 20;
 
-/// A vector of `n` zeros of a float type. Fresh memory from `calloc` is zero without
-/// being written, so advising it before the first touch gets huge pages.
-pub(crate) fn zeroed<T: crate::weights::Real>(n: usize) -> Vec<T> {
+/// Types whose all-zero bit pattern is a valid value (their zero), so that fresh memory
+/// from `calloc` is a vector of zeros.
+///
+/// # Safety
+/// Only for types for which all-zero bytes are a valid value.
+pub(crate) unsafe trait ZeroBits: Copy + Default {}
+
+// SAFETY: all-zero bits are 0.0 for the floats and 0 for the integers.
+unsafe impl ZeroBits for f32 {}
+// SAFETY: as above.
+unsafe impl ZeroBits for f64 {}
+// SAFETY: as above.
+unsafe impl ZeroBits for u64 {}
+// SAFETY: as above.
+unsafe impl ZeroBits for u128 {}
+
+/// A vector of `n` zeros. Fresh memory from `calloc` is zero without being written (the
+/// kernel clears each page at its first touch, on whichever thread touches it), and
+/// advising it before that touch gets huge pages.
+pub(crate) fn zeroed<T: ZeroBits>(n: usize) -> Vec<T> {
     let bytes = n.saturating_mul(std::mem::size_of::<T>());
     if bytes < HUGE_MIN_BYTES {
-        return vec![T::zero(); n];
+        return vec![T::default(); n];
     }
     let Ok(layout) = std::alloc::Layout::array::<T>(n) else {
-        return vec![T::zero(); n];
+        return vec![T::default(); n];
     };
-    // SAFETY: `layout` has a non-zero size; a null result is handled. The all-zero bit
-    // pattern is the value 0.0 for the float types `Real` is implemented for (f32, f64),
-    // and the vector takes the allocation with the same layout (`Layout::array::<T>(n)`,
-    // capacity `n`), which is what `Vec` deallocates with.
+    // SAFETY: `layout` has a non-zero size; a null result is handled. All-zero bytes are
+    // a valid `T` (`ZeroBits`), and the vector takes the allocation with the same layout
+    // (`Layout::array::<T>(n)`, capacity `n`), which is what `Vec` deallocates with.
     unsafe {
         let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
         if ptr.is_null() {
@@ -44,12 +60,13 @@ pub(crate) fn reserve_empty<T>(v: &mut Vec<T>, n: usize) {
 }
 
 /// Sets `v` to exactly `n` elements of working memory whose values are unspecified:
-/// elements already there are kept as they are (not written again), only new ones are
-/// zero.
-pub(crate) fn working<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+/// elements already there are kept as they are (not written again), new memory is zero
+/// from `calloc` (no pass over it here).
+pub(crate) fn working<T: ZeroBits>(v: &mut Vec<T>, n: usize) {
     if v.capacity() < n {
-        // A fresh allocation, advised before its first touch; old contents are not needed.
-        reserve_empty(v, n);
+        // Old contents are not needed.
+        *v = zeroed(n);
+        return;
     }
     if v.len() < n {
         v.resize(n, T::default());

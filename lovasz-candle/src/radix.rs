@@ -133,11 +133,28 @@ pub(crate) fn par_sort_pieces(pieces: Vec<Vec<u64>>, out: &mut Vec<u64>, spare: 
         data = d_rest;
         free = s_rest;
     }
-    parts.into_par_iter().for_each(|(d, s)| {
-        if radix(d, s) {
-            d.copy_from_slice(s);
-        }
-    });
+    let in_spare: Vec<bool> = parts.par_iter_mut().map(|(d, s)| radix(d, s)).collect();
+    // Each bucket's result is in `out` or in `spare` (by the parity of its passes): the
+    // buffer holding most keys becomes the result, and only the others are copied.
+    let spare_keys: usize = (bucket_lens.iter().zip(&in_spare))
+        .filter(|(_, &s)| s)
+        .map(|(len, _)| len)
+        .sum();
+    let into_spare = 2 * spare_keys > n;
+    parts
+        .into_par_iter()
+        .zip(in_spare)
+        .filter(|(_, s)| *s != into_spare)
+        .for_each(|((d, s), _)| {
+            if into_spare {
+                s.copy_from_slice(d);
+            } else {
+                d.copy_from_slice(s);
+            }
+        });
+    if into_spare {
+        std::mem::swap(out, spare);
+    }
 }
 
 /// Scatters the keys of `pieces` into `out` (of their total length) by buckets of whole

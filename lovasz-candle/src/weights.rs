@@ -87,10 +87,10 @@ pub(crate) struct Solved<T> {
 }
 
 /// A float dtype whose errors can be ranked as packed integers.
-pub(crate) trait Real: candle::WithDType + PartialOrd {
+pub(crate) trait Real: candle::WithDType + PartialOrd + crate::buffer::ZeroBits {
     /// (descending error key, pixel index, slope bit, foreground bit) packed so that
     /// ascending integer order is descending error order, ties by ascending index.
-    type Packed: Ord + Copy + Default + Send + Sync;
+    type Packed: Ord + crate::buffer::ZeroBits + Send + Sync;
     fn pack(err: Self, index: u32, slope: bool, fg: bool) -> Self::Packed;
     /// The pixel index (`< 2^30`), the slope bit and the foreground bit.
     fn unpack(p: Self::Packed) -> (usize, bool, bool);
