@@ -4,6 +4,7 @@
 use std::cell::Cell;
 
 use candle::{bail, DType, Device, Result, Storage, Tensor};
+use rayon::prelude::*;
 
 /// Host label value marking a void (ignored) pixel.
 pub(crate) const VOID: u32 = u32::MAX;
@@ -96,27 +97,42 @@ impl HostLabels {
         }
     }
 
-    fn map<V: Copy + Into<i64>>(
+    fn map<V: Copy + Into<i64> + Sync>(
         raw: &[V],
         n_classes: usize,
         ignore_index: Option<u32>,
         what: &str,
     ) -> Result<Self> {
+        const CHUNK: usize = 1 << 16;
         let ignore = ignore_index.map(i64::from);
-        let mut values = Vec::with_capacity(raw.len());
-        for (i, &v) in raw.iter().enumerate() {
-            let v: i64 = v.into();
-            if Some(v) == ignore {
-                values.push(VOID);
-            } else if v < 0 || v >= n_classes as i64 {
-                let allowed = match ignore_index {
-                    Some(ig) => format!("[0, {n_classes}) or the ignore index {ig}"),
-                    None => format!("[0, {n_classes}) (no ignore index set)"),
-                };
-                bail!("{what}: label {v} at flat position {i} is out of range: expected {allowed}")
-            } else {
-                values.push(v as u32);
-            }
+        let mut values = vec![0u32; raw.len()];
+        // Each chunk maps its labels and reports its first bad one; the first of those in
+        // pixel order is the error, whatever the thread timing.
+        let bad: Option<(usize, i64)> = values
+            .par_chunks_mut(CHUNK)
+            .zip(raw.par_chunks(CHUNK))
+            .enumerate()
+            .map(|(ci, (out, raw))| {
+                for (i, (o, &v)) in out.iter_mut().zip(raw).enumerate() {
+                    let v: i64 = v.into();
+                    if Some(v) == ignore {
+                        *o = VOID;
+                    } else if v < 0 || v >= n_classes as i64 {
+                        return Some((ci * CHUNK + i, v));
+                    } else {
+                        *o = v as u32;
+                    }
+                }
+                None
+            })
+            .find_first(Option::is_some)
+            .flatten();
+        if let Some((i, v)) = bad {
+            let allowed = match ignore_index {
+                Some(ig) => format!("[0, {n_classes}) or the ignore index {ig}"),
+                None => format!("[0, {n_classes}) (no ignore index set)"),
+            };
+            bail!("{what}: label {v} at flat position {i} is out of range: expected {allowed}")
         }
         Ok(Self { values })
     }

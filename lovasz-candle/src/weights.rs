@@ -307,14 +307,12 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
     }
     let max_class = entries.iter().map(|e| e.class as usize).max().unwrap_or(0);
 
+    let all_counts: Vec<Vec<u64>> = groups
+        .par_iter()
+        .map(|g| count_labels(&p.labels[g.start * s_n..g.end * s_n], max_class + 1))
+        .collect();
     let mut jobs = Vec::new();
-    for (gi, g) in groups.iter().enumerate() {
-        let mut counts = vec![0u64; max_class + 1];
-        for &l in &p.labels[g.start * s_n..g.end * s_n] {
-            if let Some(c) = counts.get_mut(l as usize) {
-                *c += 1;
-            }
-        }
+    for (gi, counts) in all_counts.iter().enumerate() {
         let counted: Vec<&ClassEntry> = entries
             .iter()
             .filter(|e| !sel.only_present || counts[e.class as usize] > 0)
@@ -374,6 +372,29 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
         offsets,
         losses,
     })
+}
+
+/// How many of `labels` hold each value below `n_values` (void and larger values are not
+/// counted), on all threads.
+fn count_labels(labels: &[u32], n_values: usize) -> Vec<u64> {
+    let count = |chunk: &[u32]| {
+        let mut counts = vec![0u64; n_values];
+        for &l in chunk {
+            if let Some(c) = counts.get_mut(l as usize) {
+                *c += 1;
+            }
+        }
+        counts
+    };
+    labels.par_chunks(1 << 16).map(count).reduce(
+        || vec![0u64; n_values],
+        |mut a, b| {
+            for (x, y) in a.iter_mut().zip(&b) {
+                *x += y;
+            }
+            a
+        },
+    )
 }
 
 /// A job's share of its group's offset `K` and loss.

@@ -579,6 +579,28 @@ fn cpu_and_device_paths_agree_on_large_inputs() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn the_first_bad_label_in_pixel_order_is_reported() -> Result<()> {
+    // Labels are checked in parallel chunks; the error must name the first bad pixel.
+    let n = 200_000;
+    let mut lv = vec![1u32; n];
+    lv[150_000] = 9;
+    lv[70_001] = 7;
+    let l = Tensor::from_vec(lv, (1, n), &DEV)?;
+    let p = Tensor::full(0.5f32, (1, 2, n), &DEV)?;
+    for threads in [1, 2, 4] {
+        let err = on_threads(threads, || {
+            lovasz_softmax(&p, &l, &cfg(Classes::Present, false)).unwrap_err()
+        })
+        .to_string();
+        assert!(
+            err.contains("label 7 at flat position 70001"),
+            "{threads} threads: {err}"
+        );
+    }
+    Ok(())
+}
+
 /// Runs `f` on a rayon pool of `threads` threads.
 fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
     rayon::ThreadPoolBuilder::new()
