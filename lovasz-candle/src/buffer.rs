@@ -45,20 +45,6 @@ pub(crate) fn zeroed<T: ZeroBits>(n: usize) -> Vec<T> {
     }
 }
 
-/// Makes room for `n` elements in `v` (kept empty), advising a fresh large allocation to
-/// use huge pages before it is written.
-pub(crate) fn reserve_empty<T>(v: &mut Vec<T>, n: usize) {
-    v.clear();
-    if v.capacity() >= n {
-        return;
-    }
-    *v = Vec::with_capacity(n);
-    let bytes = v.capacity().saturating_mul(std::mem::size_of::<T>());
-    if bytes >= HUGE_MIN_BYTES {
-        advise_huge(v.as_mut_ptr() as *mut u8, bytes);
-    }
-}
-
 /// Sets `v` to exactly `n` elements of working memory whose values are unspecified:
 /// elements already there are kept as they are (not written again), new memory is zero
 /// from `calloc` (no pass over it here).
@@ -119,15 +105,5 @@ mod tests {
         assert_eq!(v.len(), 12);
         working(&mut v, HUGE_MIN_BYTES / 8 + 1);
         assert_eq!(v.len(), HUGE_MIN_BYTES / 8 + 1);
-    }
-
-    #[test]
-    fn reserve_keeps_the_vector_empty() {
-        let mut v = vec![1u64, 2, 3];
-        reserve_empty(&mut v, HUGE_MIN_BYTES / 8 + 1);
-        assert!(v.is_empty() && v.capacity() > HUGE_MIN_BYTES / 8);
-        v.extend(0..10);
-        reserve_empty(&mut v, 4);
-        assert!(v.is_empty());
     }
 }

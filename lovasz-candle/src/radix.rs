@@ -113,16 +113,30 @@ fn passes_of<const P: usize, const W: u32>(data: &mut [u64], scratch: &mut [u64]
     in_scratch
 }
 
-/// Sorts the concatenation of `pieces` as [`sort_by_high_word`] does, on all rayon
-/// threads, into `out`; `spare` is working memory. Keys must be distinct (the kernel's
-/// carry their pixel index) and their lower words increasing along the concatenation.
-pub(crate) fn par_sort_pieces(pieces: Vec<Vec<u64>>, out: &mut Vec<u64>, spare: &mut Vec<u64>) {
-    let n: usize = pieces.iter().map(Vec::len).sum();
+/// Sorts, as [`sort_by_high_word`] does and on all rayon threads, the keys of the pieces
+/// of `pieces` (piece `i`: the first `lens[i]` keys from `i * stride`), in order, into
+/// `out`; `pieces` is then working memory, and the two vectors may be swapped. Keys must
+/// be distinct (the kernel's carry their pixel index) and their lower words increasing
+/// along the pieces.
+pub(crate) fn par_sort_pieces(
+    pieces: &mut Vec<u64>,
+    stride: usize,
+    lens: &[usize],
+    out: &mut Vec<u64>,
+) {
+    let n: usize = lens.iter().sum();
     crate::buffer::working(out, n);
-    let bucket_lens = partition(&pieces, out);
-    // The pieces go before the working memory comes: two copies of the keys at a time.
-    drop(pieces);
-    crate::buffer::working(spare, n);
+    let bucket_lens = {
+        let views: Vec<&[u64]> = pieces
+            .chunks(stride)
+            .zip(lens)
+            .map(|(piece, &len)| &piece[..len])
+            .collect();
+        partition(&views, out)
+    };
+    // The pieces are read: their buffer is the working memory of the bucket sorts.
+    pieces.truncate(n);
+    let spare = pieces;
     // Buckets are whole key ranges in order: sorting each sorts everything.
     let mut parts = Vec::with_capacity(bucket_lens.len());
     let (mut data, mut free): (&mut [u64], &mut [u64]) = (out, spare);
@@ -164,7 +178,7 @@ pub(crate) fn par_sort_pieces(pieces: Vec<Vec<u64>>, out: &mut Vec<u64>, spare: 
 /// Buckets group consecutive bins of the top 12 bits of `high - lo` into about four per
 /// thread of similar sizes, so a key's bucket is one table lookup (a search among
 /// splitters mispredicts about every other comparison on random keys).
-fn partition(pieces: &[Vec<u64>], out: &mut [u64]) -> Vec<usize> {
+fn partition(pieces: &[&[u64]], out: &mut [u64]) -> Vec<usize> {
     let n = out.len();
     let (lo, hi) = pieces
         .par_iter()
@@ -183,7 +197,7 @@ fn partition(pieces: &[Vec<u64>], out: &mut [u64]) -> Vec<usize> {
         .par_iter()
         .map(|c| {
             let mut h = vec![0u32; bins];
-            for &k in c {
+            for &k in c.iter() {
                 h[bin(k)] += 1;
             }
             h
@@ -225,7 +239,7 @@ fn partition(pieces: &[Vec<u64>], out: &mut [u64]) -> Vec<usize> {
         .zip(slots.par_iter_mut())
         .for_each(|(piece, piece_slots)| {
             let mut filled = vec![0usize; buckets];
-            for &k in piece {
+            for &k in piece.iter() {
                 let b = bucket_of_bin[bin(k)];
                 piece_slots[b][filled[b]] = k;
                 filled[b] += 1;
@@ -262,9 +276,16 @@ mod tests {
                 .build()
                 .unwrap();
             for piece in [1000, 40_000, 150_000] {
-                let pieces: Vec<Vec<u64>> = keys.chunks(piece).map(<[u64]>::to_vec).collect();
-                let (mut out, mut spare) = (vec![7u64; 3], Vec::new());
-                pool.install(|| par_sort_pieces(pieces, &mut out, &mut spare));
+                // Each piece holds its keys at the start of a stretch twice its size.
+                let stride = 2 * piece;
+                let mut buffer = vec![u64::MAX; keys.len().div_ceil(piece) * stride];
+                let mut lens = Vec::new();
+                for (i, chunk) in keys.chunks(piece).enumerate() {
+                    buffer[i * stride..][..chunk.len()].copy_from_slice(chunk);
+                    lens.push(chunk.len());
+                }
+                let mut out = vec![7u64; 3];
+                pool.install(|| par_sort_pieces(&mut buffer, stride, &lens, &mut out));
                 assert_eq!(out, reference, "{threads} threads, pieces of {piece}");
             }
         }

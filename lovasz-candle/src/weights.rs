@@ -105,12 +105,14 @@ pub(crate) trait Real: candle::WithDType + PartialOrd + crate::buffer::ZeroBits 
     fn abs(self) -> Self;
     /// Sorts ascending; `scratch` is working memory (the vectors may be swapped).
     fn sort(keys: &mut Vec<Self::Packed>, scratch: &mut Vec<Self::Packed>);
-    /// Sorts the concatenation of `pieces` ascending into `out` on all rayon threads;
-    /// `spare` is working memory.
+    /// Sorts, on all rayon threads, the keys of the pieces of `pieces`: piece `i` is the
+    /// first `lens[i]` keys of its stretch `i * stride ..` of the buffer. The result goes
+    /// to `out`; `pieces` is then working memory (the two may be swapped).
     fn par_sort(
-        pieces: Vec<Vec<Self::Packed>>,
+        pieces: &mut Vec<Self::Packed>,
+        stride: usize,
+        lens: &[usize],
         out: &mut Vec<Self::Packed>,
-        spare: &mut Vec<Self::Packed>,
     );
 }
 
@@ -169,8 +171,8 @@ impl Real for f32 {
     fn sort(keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
         crate::radix::sort_by_high_word(keys, scratch);
     }
-    fn par_sort(pieces: Vec<Vec<u64>>, out: &mut Vec<u64>, spare: &mut Vec<u64>) {
-        crate::radix::par_sort_pieces(pieces, out, spare);
+    fn par_sort(pieces: &mut Vec<u64>, stride: usize, lens: &[usize], out: &mut Vec<u64>) {
+        crate::radix::par_sort_pieces(pieces, stride, lens, out);
     }
 }
 
@@ -217,11 +219,11 @@ impl Real for f64 {
     fn sort(keys: &mut Vec<u128>, _scratch: &mut Vec<u128>) {
         keys.sort_unstable();
     }
-    fn par_sort(pieces: Vec<Vec<u128>>, out: &mut Vec<u128>, _spare: &mut Vec<u128>) {
+    fn par_sort(pieces: &mut Vec<u128>, stride: usize, lens: &[usize], out: &mut Vec<u128>) {
         out.clear();
-        out.reserve(pieces.iter().map(Vec::len).sum());
-        for piece in &pieces {
-            out.extend_from_slice(piece);
+        out.reserve(lens.iter().sum());
+        for (piece, &len) in pieces.chunks(stride).zip(lens) {
+            out.extend_from_slice(&piece[..len]);
         }
         out.par_sort_unstable();
     }
@@ -437,22 +439,24 @@ fn run_job<T: Real>(
     let s_n = p.spatial;
     let n = images.len() * s_n;
     let keys = &mut ws.keys;
-    let build = |pixels: Range<usize>, keys: &mut Vec<T::Packed>| {
-        build_keys(p, images.start, pixels, job.class, job.channel, keys)
+    let build = |pixels: Range<usize>, out: &mut [T::Packed]| {
+        build_keys(p, images.start, pixels, job.class, job.channel, out)
     };
     if parallel && n >= 2 * PIECE {
-        let pieces: Vec<Vec<T::Packed>> = (0..n.div_ceil(PIECE))
-            .into_par_iter()
-            .map(|i| {
-                let mut piece = Vec::with_capacity(PIECE);
-                build(i * PIECE..n.min((i + 1) * PIECE), &mut piece);
-                piece
-            })
+        // Pieces are built on all threads into their own stretches of one buffer, which
+        // the sort then uses as its working memory.
+        let pieces = &mut ws.scratch;
+        crate::buffer::working(pieces, n);
+        let lens: Vec<usize> = pieces
+            .par_chunks_mut(PIECE)
+            .enumerate()
+            .map(|(i, out)| build(i * PIECE..n.min((i + 1) * PIECE), out))
             .collect();
-        T::par_sort(pieces, keys, &mut ws.scratch);
+        T::par_sort(pieces, PIECE, &lens, keys);
     } else {
-        crate::buffer::reserve_empty(keys, n);
-        build(0..n, keys);
+        crate::buffer::working(keys, n);
+        let len = build(0..n, keys);
+        keys.truncate(len);
         T::sort(keys, &mut ws.scratch);
     }
     if keys.is_empty() {
@@ -486,22 +490,24 @@ fn index_shift(spatial: usize) -> u32 {
     usize::BITS - spatial.saturating_sub(1).leading_zeros()
 }
 
-/// Appends the keys of the group-local pixels `pixels` (pixel `i` of the group is pixel
-/// `i % S` of image `first_image + i / S`) for one class, in pixel order.
+/// Writes the keys of the group-local pixels `pixels` (pixel `i` of the group is pixel
+/// `i % S` of image `first_image + i / S`) for one class, in pixel order, at the start
+/// of `out` (at least as long as `pixels`); returns how many were kept.
 fn build_keys<T: Real>(
     p: &Problem<T>,
     first_image: usize,
     pixels: Range<usize>,
     class: u32,
     channel: usize,
-    keys: &mut Vec<T::Packed>,
-) {
+    out: &mut [T::Packed],
+) -> usize {
     let s_n = p.spatial;
     // A hinge error <= 0 has relu weight 0 and sorts after every positive one, so it
     // changes no other pixel's rank: in linear mode such pixels are left out (their
     // coefficient stays 0). The weights `W` need every pixel.
     let drop_nonpositive = p.kind == ErrorKind::Hinge && p.output == Output::Linear;
     let mut at = pixels.start;
+    let mut kept = 0;
     while at < pixels.end {
         let (li, i0) = (at / s_n, at % s_n);
         let i1 = s_n.min(i0 + pixels.end - at);
@@ -509,18 +515,20 @@ fn build_keys<T: Real>(
         let x = &p.data[(b * p.channels + channel) * s_n..][i0..i1];
         let labels = &p.labels[b * s_n..][i0..i1];
         let base = (li << index_shift(s_n) | i0) as u32;
-        match p.kind {
-            ErrorKind::Abs => push_keys(keys, x, labels, class, base, false, |x, fg| {
+        let out = &mut out[kept..];
+        kept += match p.kind {
+            ErrorKind::Abs => push_keys(out, x, labels, class, base, false, |x, fg| {
                 ErrorKind::Abs.error(x, fg)
             }),
             ErrorKind::Hinge => {
-                push_keys(keys, x, labels, class, base, drop_nonpositive, |x, fg| {
+                push_keys(out, x, labels, class, base, drop_nonpositive, |x, fg| {
                     ErrorKind::Hinge.error(x, fg)
                 })
             }
-        }
+        };
         at += i1 - i0;
     }
+    kept
 }
 
 /// Appends the packed keys of one image's row `x` (labels `labels`, pixel indices from
@@ -528,36 +536,36 @@ fn build_keys<T: Real>(
 /// [`ErrorKind::error`] for one fixed kind, so the loop has no dispatch in it.
 #[inline(always)]
 fn push_keys<T: Real>(
-    keys: &mut Vec<T::Packed>,
+    out: &mut [T::Packed],
     x: &[T],
     labels: &[u32],
     class: u32,
     base: u32,
     drop_nonpositive: bool,
     error: impl Fn(T, bool) -> (T, bool),
-) {
+) -> usize {
+    let out = &mut out[..x.len()];
     if drop_nonpositive || labels.contains(&VOID) {
         // Every key is written and the end moves past it only if it is kept: no branch
         // on void labels or on the sign of the error.
-        let start = keys.len();
-        keys.resize(start + x.len(), T::Packed::default());
-        let mut end = start;
+        let mut end = 0;
         for (i, (&x, &l)) in x.iter().zip(labels).enumerate() {
             let fg = l == class;
             let (err, slope) = error(x, fg);
-            keys[end] = T::pack(err, base + i as u32, slope, fg);
+            out[end] = T::pack(err, base + i as u32, slope, fg);
             // `err <= 0` is false for NaN: a NaN error reaches the walk like any other.
             let dropped = drop_nonpositive & (err <= T::zero());
             end += usize::from((l != VOID) & !dropped);
         }
-        keys.truncate(end);
+        end
     } else {
         // No void pixel: a plain map the compiler can keep branch-free.
-        keys.extend(x.iter().zip(labels).enumerate().map(|(i, (&x, &l))| {
+        for (o, (i, (&x, &l))) in out.iter_mut().zip(x.iter().zip(labels).enumerate()) {
             let fg = l == class;
             let (err, slope) = error(x, fg);
-            T::pack(err, base + i as u32, slope, fg)
-        }));
+            *o = T::pack(err, base + i as u32, slope, fg);
+        }
+        x.len()
     }
 }
 
