@@ -127,23 +127,31 @@ fn split_low_word(w: u32) -> (usize, bool, bool) {
     ((w >> 2) as usize, w & 2 != 0, w & 1 != 0)
 }
 
+/// The methods of [`Real`] that are the same for f32 and f64 up to the width of their
+/// bits: `(float, bits of the same width, bits of 1.0)`.
+macro_rules! float_bit_ops {
+    ($t:ty, $bits:ty, $one:expr) => {
+        fn exp(self) -> $t {
+            <$t>::exp(self)
+        }
+        #[inline]
+        fn indicator(b: bool) -> $t {
+            <$t>::from_bits(<$bits>::from(b) * $one)
+        }
+        #[inline]
+        fn neg_if(self, b: bool) -> $t {
+            <$t>::from_bits(self.to_bits() ^ <$bits>::from(b) << (<$bits>::BITS - 1))
+        }
+        #[inline]
+        fn abs(self) -> $t {
+            <$t>::abs(self)
+        }
+    };
+}
+
 impl Real for f32 {
     type Packed = u64;
-    fn exp(self) -> f32 {
-        f32::exp(self)
-    }
-    #[inline]
-    fn indicator(b: bool) -> f32 {
-        f32::from_bits(u32::from(b) * 0x3f80_0000)
-    }
-    #[inline]
-    fn neg_if(self, b: bool) -> f32 {
-        f32::from_bits(self.to_bits() ^ u32::from(b) << 31)
-    }
-    #[inline]
-    fn abs(self) -> f32 {
-        f32::abs(self)
-    }
+    float_bit_ops!(f32, u32, 0x3f80_0000);
     #[inline]
     fn pack(err: f32, index: u32, slope: bool, fg: bool) -> u64 {
         let bits = err.to_bits();
@@ -178,21 +186,7 @@ impl Real for f32 {
 
 impl Real for f64 {
     type Packed = u128;
-    fn exp(self) -> f64 {
-        f64::exp(self)
-    }
-    #[inline]
-    fn indicator(b: bool) -> f64 {
-        f64::from_bits(u64::from(b) * 0x3ff0_0000_0000_0000)
-    }
-    #[inline]
-    fn neg_if(self, b: bool) -> f64 {
-        f64::from_bits(self.to_bits() ^ u64::from(b) << 63)
-    }
-    #[inline]
-    fn abs(self) -> f64 {
-        f64::abs(self)
-    }
+    float_bit_ops!(f64, u64, 0x3ff0_0000_0000_0000);
     #[inline]
     fn pack(err: f64, index: u32, slope: bool, fg: bool) -> u128 {
         let bits = err.to_bits();
