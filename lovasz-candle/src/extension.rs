@@ -268,10 +268,15 @@ impl FusedLovasz {
             Ok(mut slot) => *slot = Some(coefficients),
             Err(_) => bail!("lovasz: coefficient store poisoned by an earlier panic"),
         }
-        // NaN anywhere in the input gives a NaN loss, as the device path does.
-        let nan = data
-            .par_chunks(1 << 16)
-            .any(|c| c.iter().any(|v| v.to_f64().is_nan()));
+        // NaN anywhere in the input gives a NaN loss, as the device path does. The kernel
+        // saw the rows its jobs read; only the others are scanned here.
+        let s_n = dims.2;
+        let nan = solved.nan
+            || (solved.unread_rows.par_iter()).any(|&r| {
+                data[r * s_n..(r + 1) * s_n]
+                    .iter()
+                    .any(|v| v.to_f64().is_nan())
+            });
         Ok(solved
             .losses
             .into_iter()

@@ -84,6 +84,11 @@ pub(crate) struct Solved<T> {
     pub values: Vec<T>,
     pub offsets: Vec<f64>,
     pub losses: Vec<f64>,
+    /// Whether an input value the jobs read was NaN.
+    pub nan: bool,
+    /// The rows `b * C + c` of the input that no job read (channels of classes not
+    /// counted in a group): a NaN there is not seen by `nan`.
+    pub unread_rows: Vec<usize>,
 }
 
 /// A float dtype whose errors can be ranked as packed integers.
@@ -103,6 +108,7 @@ pub(crate) trait Real: candle::WithDType + PartialOrd + crate::buffer::ZeroBits 
     fn neg_if(self, b: bool) -> Self;
     /// `|self|` (the sign bit cleared).
     fn abs(self) -> Self;
+    fn is_nan(self) -> bool;
     /// Sorts ascending; `scratch` is working memory (the vectors may be swapped).
     fn sort(keys: &mut Vec<Self::Packed>, scratch: &mut Vec<Self::Packed>);
     /// Sorts, on all rayon threads, the keys of the pieces of `pieces`: piece `i` is the
@@ -145,6 +151,10 @@ macro_rules! float_bit_ops {
         #[inline]
         fn abs(self) -> $t {
             <$t>::abs(self)
+        }
+        #[inline]
+        fn is_nan(self) -> bool {
+            <$t>::is_nan(self)
         }
     };
 }
@@ -344,29 +354,38 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
         }
         work.push((job, outs));
     }
+    let unread_rows: Vec<usize> = (chunks.iter().enumerate())
+        .filter(|(_, c)| c.is_some())
+        .map(|(r, _)| r)
+        .collect();
+    drop(chunks);
     let threads = rayon::current_num_threads();
     let parallel = jobs.len() < threads;
     // About two tasks per thread: each reuses one workspace for all its jobs.
     let per_task = jobs.len().div_ceil(2 * threads).max(1);
-    let parts: Vec<(usize, JobSums)> = work
+    let parts: Vec<(usize, JobSums, bool)> = work
         .into_par_iter()
         .with_min_len(per_task)
         .map_init(Workspace::default, |ws, (job, mut outs)| {
             let images = groups[job.group].clone();
-            let sums = run_job(p, images, job, &mut outs, parallel, ws);
-            (job.group, sums)
+            let (sums, nan) = run_job(p, images, job, &mut outs, parallel, ws);
+            (job.group, sums, nan)
         })
         .collect();
     let mut offsets = vec![0.0; groups.len()];
     let mut losses = vec![0.0; groups.len()];
-    for (g, sums) in parts {
+    let mut nan = false;
+    for (g, sums, job_nan) in parts {
         offsets[g] += sums.offset;
         losses[g] += sums.loss;
+        nan |= job_nan;
     }
     Ok(Solved {
         values,
         offsets,
         losses,
+        nan,
+        unread_rows,
     })
 }
 
@@ -421,7 +440,8 @@ impl<T: Real> Default for Workspace<T> {
 const PIECE: usize = 1 << 16;
 
 /// One (group, class) job: rank the errors, walk the Jaccard gradient, write the outputs.
-/// With `parallel`, the job itself is split over the rayon threads.
+/// With `parallel`, the job itself is split over the rayon threads. Also returns whether
+/// an input value the job read was NaN.
 fn run_job<T: Real>(
     p: &Problem<T>,
     images: Range<usize>,
@@ -429,37 +449,40 @@ fn run_job<T: Real>(
     outs: &mut [&mut [T]],
     parallel: bool,
     ws: &mut Workspace<T>,
-) -> JobSums {
+) -> (JobSums, bool) {
     let s_n = p.spatial;
     let n = images.len() * s_n;
     let keys = &mut ws.keys;
     let build = |pixels: Range<usize>, out: &mut [T::Packed]| {
         build_keys(p, images.start, pixels, job.class, job.channel, out)
     };
-    if parallel && n >= 2 * PIECE {
+    let nan = if parallel && n >= 2 * PIECE {
         // Pieces are built on all threads into their own stretches of one buffer, which
         // the sort then uses as its working memory.
         let pieces = &mut ws.scratch;
         crate::buffer::working(pieces, n);
-        let lens: Vec<usize> = pieces
+        let built: Vec<(usize, bool)> = pieces
             .par_chunks_mut(PIECE)
             .enumerate()
             .map(|(i, out)| build(i * PIECE..n.min((i + 1) * PIECE), out))
             .collect();
+        let lens: Vec<usize> = built.iter().map(|b| b.0).collect();
         T::par_sort(pieces, PIECE, &lens, keys);
+        built.iter().any(|b| b.1)
     } else {
         crate::buffer::working(keys, n);
-        let len = build(0..n, keys);
+        let (len, nan) = build(0..n, keys);
         keys.truncate(len);
         T::sort(keys, &mut ws.scratch);
-    }
+        nan
+    };
     if keys.is_empty() {
-        return JobSums::default();
+        return (JobSums::default(), nan);
     }
     // Everything the outputs need is in the keys, so one walk writes them, in place.
     let shift = index_shift(s_n);
     let (gts, scale) = (job.gts, job.scale);
-    match (p.output, p.kind) {
+    let sums = match (p.output, p.kind) {
         (Output::Weights, _) => walk(keys, outs, shift, gts, scale, parallel, |w, _| {
             (w, 0.0, 0.0)
         }),
@@ -475,7 +498,8 @@ fn run_job<T: Real>(
                 ErrorKind::Hinge.linear(w, T::error(key).to_f64(), slope, fg)
             })
         }
-    }
+    };
+    (sums, nan)
 }
 
 /// Bits of a key's pixel index that hold the pixel within its image: enough for
@@ -486,7 +510,8 @@ fn index_shift(spatial: usize) -> u32 {
 
 /// Writes the keys of the group-local pixels `pixels` (pixel `i` of the group is pixel
 /// `i % S` of image `first_image + i / S`) for one class, in pixel order, at the start
-/// of `out` (at least as long as `pixels`); returns how many were kept.
+/// of `out` (at least as long as `pixels`); returns how many were kept, and whether an
+/// input value read was NaN (void pixels included).
 fn build_keys<T: Real>(
     p: &Problem<T>,
     first_image: usize,
@@ -494,14 +519,14 @@ fn build_keys<T: Real>(
     class: u32,
     channel: usize,
     out: &mut [T::Packed],
-) -> usize {
+) -> (usize, bool) {
     let s_n = p.spatial;
     // A hinge error <= 0 has relu weight 0 and sorts after every positive one, so it
     // changes no other pixel's rank: in linear mode such pixels are left out (their
     // coefficient stays 0). The weights `W` need every pixel.
     let drop_nonpositive = p.kind == ErrorKind::Hinge && p.output == Output::Linear;
     let mut at = pixels.start;
-    let mut kept = 0;
+    let (mut kept, mut nan) = (0, false);
     while at < pixels.end {
         let (li, i0) = (at / s_n, at % s_n);
         let i1 = s_n.min(i0 + pixels.end - at);
@@ -510,7 +535,7 @@ fn build_keys<T: Real>(
         let labels = &p.labels[b * s_n..][i0..i1];
         let base = (li << index_shift(s_n) | i0) as u32;
         let out = &mut out[kept..];
-        kept += match p.kind {
+        let (k, n) = match p.kind {
             ErrorKind::Abs => push_keys(out, x, labels, class, base, false, |x, fg| {
                 ErrorKind::Abs.error(x, fg)
             }),
@@ -520,9 +545,11 @@ fn build_keys<T: Real>(
                 })
             }
         };
+        kept += k;
+        nan |= n;
         at += i1 - i0;
     }
-    kept
+    (kept, nan)
 }
 
 /// Appends the packed keys of one image's row `x` (labels `labels`, pixel indices from
@@ -537,8 +564,10 @@ fn push_keys<T: Real>(
     base: u32,
     drop_nonpositive: bool,
     error: impl Fn(T, bool) -> (T, bool),
-) -> usize {
+) -> (usize, bool) {
     let out = &mut out[..x.len()];
+    // An error is NaN exactly when its input is: the NaN scan of the input rides along.
+    let mut nan = false;
     if drop_nonpositive || labels.contains(&VOID) {
         // Every key is written and the end moves past it only if it is kept: no branch
         // on void labels or on the sign of the error.
@@ -547,19 +576,21 @@ fn push_keys<T: Real>(
             let fg = l == class;
             let (err, slope) = error(x, fg);
             out[end] = T::pack(err, base + i as u32, slope, fg);
+            nan |= err.is_nan();
             // `err <= 0` is false for NaN: a NaN error reaches the walk like any other.
             let dropped = drop_nonpositive & (err <= T::zero());
             end += usize::from((l != VOID) & !dropped);
         }
-        end
+        (end, nan)
     } else {
         // No void pixel: a plain map the compiler can keep branch-free.
         for (o, (i, (&x, &l))) in out.iter_mut().zip(x.iter().zip(labels).enumerate()) {
             let fg = l == class;
             let (err, slope) = error(x, fg);
             *o = T::pack(err, base + i as u32, slope, fg);
+            nan |= err.is_nan();
         }
-        x.len()
+        (x.len(), nan)
     }
 }
 

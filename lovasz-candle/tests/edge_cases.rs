@@ -672,6 +672,34 @@ fn one_job_split_over_threads_gives_the_serial_result_bit_for_bit() -> Result<()
 }
 
 #[test]
+fn nan_where_no_job_reads_or_in_a_split_job_gives_nan() -> Result<()> {
+    // Class 2 is absent and `Classes::Present` skips it: no job reads its channel.
+    let mut v = probas(1, 3, 2, 2, 5)?.flatten_all()?.to_vec1::<f32>()?;
+    v[2 * 4 + 1] = f32::NAN;
+    let p = Tensor::from_vec(v, (1, 3, 2, 2), &DEV)?;
+    let l = Tensor::new(&[[[0u32, 1], [1, 0]]], &DEV)?;
+    for forced in [false, true] {
+        lovasz_candle::force_host_copy(forced);
+        let loss = lovasz_softmax(&p, &l, &cfg(Classes::Present, false));
+        lovasz_candle::force_host_copy(false);
+        assert!(loss?.to_scalar::<f32>()?.is_nan(), "forced: {forced}");
+    }
+    // One job of 180,000 pixels split over threads, NaN in its last piece.
+    let n = 180_000;
+    let mut x: Vec<f32> = (0..n).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect();
+    x[n - 10] = f32::NAN;
+    let x = Tensor::from_vec(x, (3, 200, 300), &DEV)?;
+    let l = Tensor::from_vec((0..n as u32).map(|i| i % 2).collect(), (3, 200, 300), &DEV)?;
+    let hinge = LovaszHingeConfig {
+        per_image: false,
+        ignore_index: None,
+    };
+    let loss = on_threads(2, || lovasz_hinge(&x, &l, &hinge))?;
+    assert!(loss.to_scalar::<f32>()?.is_nan());
+    Ok(())
+}
+
+#[test]
 fn nan_at_a_void_pixel_gives_nan_on_both_paths() -> Result<()> {
     let mut v = probas(1, 2, 2, 2, 13)?.flatten_all()?.to_vec1::<f32>()?;
     v[0] = f32::NAN;
