@@ -671,6 +671,21 @@ fn one_job_split_over_threads_gives_the_serial_result_bit_for_bit() -> Result<()
     Ok(())
 }
 
+/// Checks that the Lovász-Softmax (present classes, per batch) of `p` is NaN on the CPU
+/// path and on the host-copy path of other devices.
+fn assert_softmax_nan_on_both_paths(p: &Tensor, l: &Tensor) -> Result<()> {
+    for forced in [false, true] {
+        lovasz_candle::force_host_copy(forced);
+        let loss = lovasz_softmax(p, l, &cfg(Classes::Present, false));
+        lovasz_candle::force_host_copy(false);
+        assert!(
+            loss?.to_scalar::<f32>()?.is_nan(),
+            "host copy forced: {forced}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn nan_where_no_job_reads_or_in_a_split_job_gives_nan() -> Result<()> {
     // Class 2 is absent and `Classes::Present` skips it: no job reads its channel.
@@ -678,12 +693,7 @@ fn nan_where_no_job_reads_or_in_a_split_job_gives_nan() -> Result<()> {
     v[2 * 4 + 1] = f32::NAN;
     let p = Tensor::from_vec(v, (1, 3, 2, 2), &DEV)?;
     let l = Tensor::new(&[[[0u32, 1], [1, 0]]], &DEV)?;
-    for forced in [false, true] {
-        lovasz_candle::force_host_copy(forced);
-        let loss = lovasz_softmax(&p, &l, &cfg(Classes::Present, false));
-        lovasz_candle::force_host_copy(false);
-        assert!(loss?.to_scalar::<f32>()?.is_nan(), "forced: {forced}");
-    }
+    assert_softmax_nan_on_both_paths(&p, &l)?;
     // One job of 180,000 pixels split over threads, NaN in its last piece.
     let n = 180_000;
     let mut x: Vec<f32> = (0..n).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect();
@@ -705,16 +715,7 @@ fn nan_at_a_void_pixel_gives_nan_on_both_paths() -> Result<()> {
     v[0] = f32::NAN;
     let p = Tensor::from_vec(v, (1, 2, 2, 2), &DEV)?;
     let l = Tensor::new(&[[[255u32, 1], [1, 0]]], &DEV)?;
-    for forced in [false, true] {
-        lovasz_candle::force_host_copy(forced);
-        let loss = lovasz_softmax(&p, &l, &cfg(Classes::Present, false));
-        lovasz_candle::force_host_copy(false);
-        assert!(
-            loss?.to_scalar::<f32>()?.is_nan(),
-            "host copy forced: {forced}"
-        );
-    }
-    Ok(())
+    assert_softmax_nan_on_both_paths(&p, &l)
 }
 
 #[test]
