@@ -24,8 +24,7 @@ use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
 use demo_common::cli::CommonArgs;
-use demo_common::curves::save_curves;
-use demo_common::label_grid::save_label_grid;
+use demo_common::figures::write_figures;
 use demo_common::training::{in_parallel, print_summary, train_adam, History};
 use demo_common::triangles::random_triangles;
 
@@ -190,13 +189,16 @@ fn run(args: &Args) -> Result<Vec<History>> {
     }
     print_summary("image-IoU", &runs);
 
-    let out = &args.common.output;
-    save_curves(&out.join("demo_binary_curves.png"), "image-IoU", &runs)?;
     let initial = initial.gt(0f32)?;
-    let mut rows = vec![("labels", &batch.labels), ("start (bias 0)", &initial)];
-    rows.extend(runs.iter().map(|r| r.name).zip(&predictions));
-    save_label_grid(&out.join("demo_binary_grid.png"), &rows)?;
-    println!("figures written to {}", out.display());
+    write_figures(
+        &args.common.output,
+        "demo_binary",
+        "image-IoU",
+        &runs,
+        &batch.labels,
+        ("start (bias 0)", &initial),
+        &predictions,
+    )?;
     Ok(runs)
 }
 
@@ -216,20 +218,7 @@ mod tests {
     use super::{run, Args, Batch, VOID};
 
     fn tiny_args(output: &std::path::Path) -> anyhow::Result<Args> {
-        let output = output
-            .to_str()
-            .ok_or_else(|| anyhow::anyhow!("non-UTF-8 temp dir"))?;
-        let argv = [
-            "demo_binary",
-            "--size",
-            "24",
-            "--batch",
-            "3",
-            "--iters",
-            "8",
-            "--output",
-            output,
-        ];
+        let argv = crate::demo_common::figures::tiny_argv("demo_binary", 3, output)?;
         Ok(Args::try_parse_from(argv)?)
     }
 
@@ -238,12 +227,8 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let runs = run(&tiny_args(dir.path())?)?;
         crate::demo_common::training::assert_smoke_runs(&runs, 3, 8);
-        let grid = image::open(dir.path().join("demo_binary_grid.png"))?;
         // Five rows (labels, start, three losses) of three 24-pixel images.
-        assert_eq!((grid.width(), grid.height()), (190 + 3 * 28, 5 * 28 + 4));
-        let curves = image::open(dir.path().join("demo_binary_curves.png"))?;
-        assert_eq!((curves.width(), curves.height()), (1200, 450));
-        Ok(())
+        crate::demo_common::figures::assert_smoke_figures(dir.path(), "demo_binary", 5, 3)
     }
 
     #[test]

@@ -25,8 +25,7 @@ use rand::Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 
 use demo_common::cli::CommonArgs;
-use demo_common::curves::save_curves;
-use demo_common::label_grid::save_label_grid;
+use demo_common::figures::write_figures;
 use demo_common::training::{in_parallel, print_summary, train_adam, History};
 use demo_common::triangles::random_triangles;
 
@@ -291,13 +290,16 @@ fn run(args: &Args) -> Result<Vec<History>> {
     }
     print_summary("mIoU", &runs);
 
-    let out = &args.common.output;
-    save_curves(&out.join("demo_multiclass_curves.png"), "mIoU", &runs)?;
     let initial = initial.argmax(1)?;
-    let mut rows = vec![("labels", &batch.labels), ("start", &initial)];
-    rows.extend(runs.iter().map(|r| r.name).zip(&predictions));
-    save_label_grid(&out.join("demo_multiclass_grid.png"), &rows)?;
-    println!("figures written to {}", out.display());
+    write_figures(
+        &args.common.output,
+        "demo_multiclass",
+        "mIoU",
+        &runs,
+        &batch.labels,
+        ("start", &initial),
+        &predictions,
+    )?;
     Ok(runs)
 }
 
@@ -317,20 +319,7 @@ mod tests {
     use super::{run, Args, Batch, ResidualConv, CLASSES, VOID};
 
     fn tiny_args(output: &std::path::Path) -> anyhow::Result<Args> {
-        let output = output
-            .to_str()
-            .ok_or_else(|| anyhow::anyhow!("non-UTF-8 temp dir"))?;
-        let argv = [
-            "demo_multiclass",
-            "--size",
-            "24",
-            "--batch",
-            "2",
-            "--iters",
-            "8",
-            "--output",
-            output,
-        ];
+        let argv = crate::demo_common::figures::tiny_argv("demo_multiclass", 2, output)?;
         Ok(Args::try_parse_from(argv)?)
     }
 
@@ -339,12 +328,8 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let runs = run(&tiny_args(dir.path())?)?;
         crate::demo_common::training::assert_smoke_runs(&runs, 2, 8);
-        let grid = image::open(dir.path().join("demo_multiclass_grid.png"))?;
         // Four rows (labels, start, two losses) of two 24-pixel images.
-        assert_eq!((grid.width(), grid.height()), (190 + 2 * 28, 4 * 28 + 4));
-        let curves = image::open(dir.path().join("demo_multiclass_curves.png"))?;
-        assert_eq!((curves.width(), curves.height()), (1200, 450));
-        Ok(())
+        crate::demo_common::figures::assert_smoke_figures(dir.path(), "demo_multiclass", 4, 2)
     }
 
     #[test]

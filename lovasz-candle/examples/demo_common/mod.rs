@@ -8,6 +8,7 @@
 pub mod canvas;
 pub mod cli;
 pub mod curves;
+pub mod figures;
 pub mod label_grid;
 pub mod palette;
 pub mod runtime;
