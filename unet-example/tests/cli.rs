@@ -22,6 +22,16 @@ fn fails_with(out: &Output, needle: &str) {
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
 }
 
+/// Asserts success (with stderr in the message) and returns stdout.
+fn succeeds(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 const TINY: &[&str] = &[
     "--dataset",
     "shapes:32:8",
@@ -43,13 +53,7 @@ fn cli_run() -> &'static Path {
         let tmp = tempfile::tempdir().unwrap();
         let mut args = vec!["train", "-o", "run"];
         args.extend_from_slice(TINY);
-        let out = unet(&args, tmp.path());
-        assert!(
-            out.status.success(),
-            "train failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = succeeds(&unet(&args, tmp.path()));
         assert!(stdout.contains("test mIoU"), "{stdout}");
         tmp
     })
@@ -59,13 +63,10 @@ fn cli_run() -> &'static Path {
 #[test]
 fn eval_and_predict_a_cli_run() {
     let root = cli_run();
-    let out = unet(&["eval", "--checkpoint", "run", "--split", "val"], root);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = succeeds(&unet(
+        &["eval", "--checkpoint", "run", "--split", "val"],
+        root,
+    ));
     assert!(
         stdout.contains("mIoU") && stdout.contains("confusion matrix"),
         "{stdout}"
@@ -81,11 +82,7 @@ fn eval_and_predict_a_cli_run() {
     assert_eq!(parsed["split"], "test");
 
     let out = unet(&["predict", "--checkpoint", "run", "--count", "2"], root);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(&out);
     assert!(root.join("run/predictions-val.png").is_file());
 
     image::RgbImage::from_pixel(20, 12, image::Rgb([200, 40, 40]))
@@ -103,11 +100,7 @@ fn eval_and_predict_a_cli_run() {
         ],
         root,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(&out);
     let mask = image::open(root.join("mask.png")).unwrap();
     assert_eq!((mask.width(), mask.height()), (20, 12));
     let out = unet(
@@ -123,7 +116,7 @@ fn eval_and_predict_a_cli_run() {
         ],
         root,
     );
-    assert!(out.status.success());
+    succeeds(&out);
     let idx = image::open(root.join("idx.png")).unwrap().to_luma8();
     assert!(idx.pixels().all(|p| p.0[0] < 6));
 }
@@ -278,11 +271,7 @@ fn an_existing_run_is_not_overwritten_by_accident() {
     fails_with(&unet(&args, root), "already holds a run");
     // --resume on a finished run just re-evaluates and rewrites the summary.
     let out = unet(&["train", "--resume", "run", "--quiet"], root);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(&out);
     // --resume does not take training options.
     let out = unet(&["train", "--resume", "run", "--epochs", "9"], root);
     assert!(!out.status.success());
@@ -309,11 +298,7 @@ fn a_killed_run_resumes_to_the_same_metrics() {
         a
     };
     let full = unet(&args("full"), tmp.path());
-    assert!(
-        full.status.success(),
-        "{}",
-        String::from_utf8_lossy(&full.stderr)
-    );
+    succeeds(&full);
 
     // Kill (SIGKILL) as soon as the first epoch is saved: mid-epoch or mid-save.
     let mut child = Command::new(env!("CARGO_BIN_EXE_unet-example"))
@@ -339,11 +324,7 @@ fn a_killed_run_resumes_to_the_same_metrics() {
         serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
     assert!(saved["epoch"].as_u64().unwrap() < 6);
     let out = unet(&["train", "--resume", "killed", "--quiet"], tmp.path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(&out);
 
     // metrics.csv without the timing columns (9 and 10).
     let metrics = |run: &str| -> Vec<String> {
