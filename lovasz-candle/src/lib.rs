@@ -78,6 +78,7 @@ mod weights;
 
 pub use bce::binary_xloss;
 pub use binary::{lovasz_hinge, lovasz_hinge_multilabel, lovasz_hinge_weights, lovasz_sigmoid};
+pub use buffer::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub use config::{Classes, LovaszHingeConfig, LovaszSigmoidConfig, LovaszSoftmaxConfig, Reduction};
 pub use cross_entropy::{cross_entropy, CrossEntropyConfig};
 #[doc(hidden)]

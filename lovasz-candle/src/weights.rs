@@ -95,7 +95,7 @@ pub(crate) struct Solved<T> {
 pub(crate) trait Real: candle::WithDType + PartialOrd + crate::buffer::ZeroBits {
     /// (descending error key, pixel index, slope bit, foreground bit) packed so that
     /// ascending integer order is descending error order, ties by ascending index.
-    type Packed: Ord + crate::buffer::ZeroBits + Send + Sync;
+    type Packed: Ord + crate::buffer::Cached + Sync;
     fn pack(err: Self, index: u32, slope: bool, fg: bool) -> Self::Packed;
     /// The pixel index (`< 2^30`), the slope bit and the foreground bit.
     fn unpack(p: Self::Packed) -> (usize, bool, bool);
@@ -255,14 +255,23 @@ impl ErrorKind {
 
     /// For weight `w` of a pixel with error `err` (clamped by the caller's key), slope bit
     /// and ground truth: `(w a, w k, w e)` with `e = k + a x` the clamped error near `x`.
+    ///
+    /// Sign flips and products with 0 / 1 rather than branches: in sorted order the slope
+    /// and ground-truth bits are close to random.
     #[inline]
     fn linear(self, w: f64, err: f64, slope: bool, fg: bool) -> (f64, f64, f64) {
-        let target = if fg { 1.0 } else { 0.0 };
-        match (self, slope) {
-            (ErrorKind::Abs, true) => (-w, w * target, w * err),
-            (ErrorKind::Abs, false) => (w, -w * target, w * err),
-            (ErrorKind::Hinge, true) => (if fg { -w } else { w }, w, w * err),
-            (ErrorKind::Hinge, false) => (0.0, 0.0, 0.0),
+        let target = f64::indicator(fg);
+        match self {
+            // slope: e = t - x, else e = x - t.
+            ErrorKind::Abs => {
+                let a = w.neg_if(slope);
+                (a, -a * target, w * err)
+            }
+            // slope: e = 1 - x t = 1 + x (-t), else the clamped error is 0.
+            ErrorKind::Hinge => {
+                let on = f64::indicator(slope);
+                (w.neg_if(fg) * on, w * on, w * err * on)
+            }
         }
     }
 }
@@ -366,11 +375,14 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
     let parts: Vec<(usize, JobSums, bool)> = work
         .into_par_iter()
         .with_min_len(per_task)
-        .map_init(Workspace::default, |ws, (job, mut outs)| {
-            let images = groups[job.group].clone();
-            let (sums, nan) = run_job(p, images, job, &mut outs, parallel, ws);
-            (job.group, sums, nan)
-        })
+        .map_init(
+            || Workspace::new(parallel),
+            |ws, (job, mut outs)| {
+                let images = groups[job.group].clone();
+                let (sums, nan) = run_job(p, images, job, &mut outs, parallel, ws);
+                (job.group, sums, nan)
+            },
+        )
         .collect();
     let mut offsets = vec![0.0; groups.len()];
     let mut losses = vec![0.0; groups.len()];
@@ -421,16 +433,33 @@ struct JobSums {
 
 /// Working memory reused by the jobs one rayon task runs, so that large buffers are
 /// allocated (and page-faulted) once per task rather than once per job.
+///
+/// It comes from the buffers kept between calls ([`crate::buffer::take_cached`]) when
+/// there are any, and goes back to them when `keep`: the kernel keeps it when one job is
+/// split over all threads, where these two buffers are the whole working set and their
+/// page faults are on the critical path. With many jobs, each task's buffers serve several
+/// jobs already.
 struct Workspace<T: Real> {
     keys: Vec<T::Packed>,
     scratch: Vec<T::Packed>,
+    keep: bool,
 }
 
-impl<T: Real> Default for Workspace<T> {
-    fn default() -> Self {
+impl<T: Real> Workspace<T> {
+    fn new(keep: bool) -> Self {
         Self {
-            keys: Vec::new(),
-            scratch: Vec::new(),
+            keys: crate::buffer::take_cached(),
+            scratch: crate::buffer::take_cached(),
+            keep,
+        }
+    }
+}
+
+impl<T: Real> Drop for Workspace<T> {
+    fn drop(&mut self) {
+        if self.keep {
+            crate::buffer::give_cached(std::mem::take(&mut self.keys));
+            crate::buffer::give_cached(std::mem::take(&mut self.scratch));
         }
     }
 }
@@ -611,7 +640,7 @@ fn walk<T: Real, F>(
 where
     F: Fn(f64, T::Packed) -> (f64, f64, f64) + Sync,
 {
-    let mask = (1usize << shift) - 1;
+    let rows = RowWrites::new(rows, shift);
     let sums: Vec<JobSums> = if parallel && keys.len() >= 2 * PIECE {
         let fg: Vec<u64> = keys
             .par_chunks(PIECE)
@@ -627,28 +656,14 @@ where
             ));
             fg_before += f;
         }
-        let shared: Vec<DisjointWrites<T>> =
-            rows.iter_mut().map(|r| DisjointWrites::new(r)).collect();
         keys.par_chunks(PIECE)
             .zip(starts)
-            .map(|(piece, mut jw)| {
-                let shared = &shared;
-                walk_piece(piece, &mut jw, scale, &out, move |i, v| {
-                    // SAFETY: every key carries a distinct pixel index (one key is built per
-                    // pixel), so no two writes, on any threads, share an element.
-                    unsafe { shared[i >> shift].write(i & mask, v) }
-                })
-            })
+            .map(|(piece, mut jw)| walk_piece(piece, &mut jw, scale, &out, &rows))
             .collect()
     } else {
         let mut jw = JaccardWalk::new(gts);
         keys.chunks(PIECE)
-            .map(|piece| {
-                let rows = &mut *rows;
-                walk_piece(piece, &mut jw, scale, &out, move |i, v| {
-                    rows[i >> shift][i & mask] = v
-                })
-            })
+            .map(|piece| walk_piece(piece, &mut jw, scale, &out, &rows))
             .collect()
     };
     sums.into_iter().fold(JobSums::default(), |a, b| JobSums {
@@ -657,14 +672,14 @@ where
     })
 }
 
-/// One piece of [`walk`]: advances `jw` over `keys`, hands each value to `write`.
+/// One piece of [`walk`]: advances `jw` over `keys`, writes each value into `rows`.
 #[inline(always)]
 fn walk_piece<T: Real>(
     keys: &[T::Packed],
     jw: &mut JaccardWalk,
     scale: f64,
     out: &impl Fn(f64, T::Packed) -> (f64, f64, f64),
-    mut write: impl FnMut(usize, T),
+    rows: &RowWrites<T>,
 ) -> JobSums {
     // Local copies stay in registers: through `&mut`, the walk's state and the sums were
     // stored to memory and reloaded at every step.
@@ -673,7 +688,9 @@ fn walk_piece<T: Real>(
     for &key in keys {
         let (idx, _, fg) = T::unpack(key);
         let (value, k, l) = out(walk.step(fg) * scale, key);
-        write(idx, T::from_f64(value));
+        // SAFETY: keys are built one per pixel, so every index is written once, by the one
+        // thread that walks its key.
+        unsafe { rows.write(idx, T::from_f64(value)) };
         offset += k;
         loss += l;
     }
@@ -681,33 +698,46 @@ fn walk_piece<T: Real>(
     JobSums { offset, loss }
 }
 
-/// A slice written from several threads at distinct indices.
-struct DisjointWrites<'a, T> {
-    ptr: *mut T,
+/// The rows of one job's output (one per image of its group), written by pixel index
+/// `image << shift | pixel` from several threads, each index at most once.
+struct RowWrites<'a, T> {
+    starts: Vec<*mut T>,
     len: usize,
-    _slice: std::marker::PhantomData<&'a mut [T]>,
+    shift: u32,
+    _rows: std::marker::PhantomData<&'a mut [T]>,
 }
 
 // SAFETY: shared use only writes through `write`, whose contract rules out two writes to
-// one index; `T: Send` values may be moved into the slice from any thread.
-unsafe impl<T: Send> Sync for DisjointWrites<'_, T> {}
+// one index; `T: Send` values may be moved into the rows from any thread.
+unsafe impl<T: Send> Sync for RowWrites<'_, T> {}
 
-impl<'a, T> DisjointWrites<'a, T> {
-    fn new(slice: &'a mut [T]) -> Self {
+impl<'a, T> RowWrites<'a, T> {
+    /// `rows` all have the same length, below `1 << shift`.
+    fn new(rows: &'a mut [&mut [T]], shift: u32) -> Self {
+        let len = rows.first().map_or(0, |r| r.len());
+        assert!(
+            rows.iter().all(|r| r.len() == len) && len <= 1 << shift,
+            "lovasz kernel: rows of unequal lengths (internal error)"
+        );
         Self {
-            ptr: slice.as_mut_ptr(),
-            len: slice.len(),
-            _slice: std::marker::PhantomData,
+            starts: rows.iter_mut().map(|r| r.as_mut_ptr()).collect(),
+            len,
+            shift,
+            _rows: std::marker::PhantomData,
         }
     }
 
-    /// Writes `value` at `index` (checked against the length).
+    /// Writes `value` at pixel index `index` (`image << shift | pixel`, checked against
+    /// the rows).
     ///
     /// # Safety
-    /// No other call, on any thread, may write the same index while the slice is shared.
+    /// No other call, on any thread, may write the same index while the rows are shared.
+    #[inline(always)]
     unsafe fn write(&self, index: usize, value: T) {
-        assert!(index < self.len, "index {index} out of {}", self.len);
+        let (image, pixel) = (index >> self.shift, index & ((1 << self.shift) - 1));
+        let start = self.starts[image];
+        assert!(pixel < self.len, "pixel {pixel} out of {}", self.len);
         // SAFETY: in bounds (checked above), and no other thread touches this element.
-        unsafe { self.ptr.add(index).write(value) }
+        unsafe { start.add(pixel).write(value) }
     }
 }
