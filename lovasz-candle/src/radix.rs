@@ -36,18 +36,29 @@ pub(crate) fn sort_by_high_word(keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
 /// Sorts `data` as [`sort_by_high_word`] does, with `scratch` of the same length; returns
 /// whether the result ended in `scratch` (an odd number of passes) rather than in `data`.
 fn radix(data: &mut [u64], scratch: &mut [u64]) -> bool {
+    if data.len() < SMALL {
+        data.sort_unstable();
+        return false;
+    }
+    let (lo, hi) = high_range(data);
+    radix_in(data, scratch, lo, 32 - (hi - lo).leading_zeros())
+}
+
+/// The smallest and largest high word of `keys` (`(u32::MAX, 0)` if empty).
+fn high_range(keys: &[u64]) -> (u32, u32) {
+    keys.iter().fold((u32::MAX, 0), |(lo, hi), &k| {
+        let h = (k >> 32) as u32;
+        (lo.min(h), hi.max(h))
+    })
+}
+
+/// [`radix`] for keys whose high words lie in `lo .. lo + 2^bits`.
+fn radix_in(data: &mut [u64], scratch: &mut [u64], lo: u32, bits: u32) -> bool {
     let n = data.len();
     if n < SMALL {
         data.sort_unstable();
         return false;
     }
-    let (mut lo, mut hi) = (u32::MAX, 0u32);
-    for &k in data.iter() {
-        let h = (k >> 32) as u32;
-        lo = lo.min(h);
-        hi = hi.max(h);
-    }
-    let bits = 32 - (hi - lo).leading_zeros();
     if bits == 0 {
         // One error value: the input order is the sorted order.
         return false;
@@ -113,53 +124,77 @@ fn passes_of<const P: usize, const W: u32>(data: &mut [u64], scratch: &mut [u64]
     in_scratch
 }
 
+/// Bits of a key's high word below its bin: a bin is the top [`BIN_BITS`] bits.
+const BIN_SHIFT: u32 = 32 - BIN_BITS;
+
+/// The bin of a key for [`par_sort_pieces`]: the top [`BIN_BITS`] bits of its high word
+/// (sign, exponent and three mantissa bits of a float error), fixed in advance so that the
+/// histograms can be taken while the keys are built.
+#[inline]
+pub(crate) fn bin_of(k: u64) -> usize {
+    (k >> (32 + BIN_SHIFT)) as usize
+}
+
+/// The histogram of `keys` over the bins of [`bin_of`].
+pub(crate) fn bin_histogram(keys: &[u64]) -> Vec<u32> {
+    let mut h = vec![0u32; 1 << BIN_BITS];
+    for &k in keys {
+        h[bin_of(k)] += 1;
+    }
+    h
+}
+
 /// Sorts, as [`sort_by_high_word`] does and on all rayon threads, the keys of the pieces
-/// of `pieces` (piece `i`: the first `lens[i]` keys from `i * stride`), in order, into
-/// `out`; `pieces` is then working memory, and the two vectors may be swapped. Keys must
-/// be distinct (the kernel's carry their pixel index) and their lower words increasing
-/// along the pieces.
+/// of `pieces` (piece `i`: the first `lens[i]` keys from `i * stride`, with `hists[i]` its
+/// [`bin_histogram`]), in order, into `out`; `pieces` is then working memory, and the two
+/// vectors may be swapped. Keys must be distinct (the kernel's carry their pixel index)
+/// and their lower words increasing along the pieces.
 pub(crate) fn par_sort_pieces(
     pieces: &mut Vec<u64>,
     stride: usize,
     lens: &[usize],
+    hists: &[Vec<u32>],
     out: &mut Vec<u64>,
 ) {
     let n: usize = lens.iter().sum();
     crate::buffer::working(out, n);
-    let bucket_lens = {
+    let buckets = {
         let views: Vec<&[u64]> = pieces
             .chunks(stride)
             .zip(lens)
             .map(|(piece, &len)| &piece[..len])
             .collect();
-        partition(&views, out)
+        partition(&views, hists, out)
     };
     // The pieces are read: their buffer is the working memory of the bucket sorts.
     pieces.truncate(n);
     let spare = pieces;
     // Buckets are whole key ranges in order: sorting each sorts everything.
-    let mut parts = Vec::with_capacity(bucket_lens.len());
+    let mut parts = Vec::with_capacity(buckets.len());
     let (mut data, mut free): (&mut [u64], &mut [u64]) = (out, spare);
-    for &len in &bucket_lens {
-        let (d, d_rest) = data.split_at_mut(len);
-        let (s, s_rest) = free.split_at_mut(len);
-        parts.push((d, s));
+    for b in &buckets {
+        let (d, d_rest) = data.split_at_mut(b.len);
+        let (s, s_rest) = free.split_at_mut(b.len);
+        parts.push((d, s, b.lo, b.bits));
         data = d_rest;
         free = s_rest;
     }
-    let in_spare: Vec<bool> = parts.par_iter_mut().map(|(d, s)| radix(d, s)).collect();
+    let in_spare: Vec<bool> = parts
+        .par_iter_mut()
+        .map(|(d, s, lo, bits)| radix_in(d, s, *lo, *bits))
+        .collect();
     // Each bucket's result is in `out` or in `spare` (by the parity of its passes): the
     // buffer holding most keys becomes the result, and only the others are copied.
-    let spare_keys: usize = (bucket_lens.iter().zip(&in_spare))
+    let spare_keys: usize = (buckets.iter().zip(&in_spare))
         .filter(|(_, &s)| s)
-        .map(|(len, _)| len)
+        .map(|(b, _)| b.len)
         .sum();
     let into_spare = 2 * spare_keys > n;
     parts
         .into_par_iter()
         .zip(in_spare)
         .filter(|(_, s)| *s != into_spare)
-        .for_each(|((d, s), _)| {
+        .for_each(|((d, s, _, _), _)| {
             if into_spare {
                 s.copy_from_slice(d);
             } else {
@@ -171,122 +206,194 @@ pub(crate) fn par_sort_pieces(
     }
 }
 
+/// One bucket of [`partition`]: its number of keys, and the range `lo .. lo + 2^bits`
+/// that holds their high words.
+struct Bucket {
+    len: usize,
+    lo: u32,
+    bits: u32,
+}
+
 /// Scatters the keys of `pieces` into `out` (of their total length) by buckets of whole
 /// key ranges, in key order, each piece into its own slots so that the input order holds
-/// within a bucket; returns the bucket lengths.
+/// within a bucket; returns the buckets.
 ///
-/// Buckets group consecutive bins of the top 12 bits of `high - lo` into about four per
-/// thread of similar sizes, so a key's bucket is one table lookup (a search among
-/// splitters mispredicts about every other comparison on random keys).
-fn partition(pieces: &[&[u64]], out: &mut [u64]) -> Vec<usize> {
+/// Buckets group consecutive bins into about four per thread of similar sizes, so a key's
+/// bucket is one table lookup (a search among splitters mispredicts about every other
+/// comparison on random keys). The bins are those of [`bin_of`], whose histograms
+/// `hists` came with the pieces, unless one bin holds too many keys to share the work
+/// (errors within a narrow range): then the bins are the top [`BIN_BITS`] bits of the
+/// range the keys span, at the cost of two more passes over them.
+fn partition(pieces: &[&[u64]], hists: &[Vec<u32>], out: &mut [u64]) -> Vec<Bucket> {
     let n = out.len();
+    let threads = rayon::current_num_threads();
+    let per_bucket = n.div_ceil(4 * threads).max(1);
+    let fixed_total = sum_bins(hists);
+    if fixed_total.iter().all(|&c| c <= per_bucket) {
+        return scatter_by_bins(
+            pieces,
+            hists,
+            &fixed_total,
+            per_bucket,
+            0,
+            BIN_SHIFT,
+            out,
+            bin_of,
+        );
+    }
     let (lo, hi) = pieces
         .par_iter()
-        .map(|c| {
-            c.iter().fold((u32::MAX, 0), |(lo, hi), &k| {
-                let h = (k >> 32) as u32;
-                (lo.min(h), hi.max(h))
-            })
-        })
+        .map(|c| high_range(c))
         .reduce(|| (u32::MAX, 0), |a, b| (a.0.min(b.0), a.1.max(b.1)));
     let bits = 32 - hi.saturating_sub(lo).leading_zeros();
     let shift = bits.saturating_sub(BIN_BITS);
-    let bins = 1usize << bits.min(BIN_BITS);
     let bin = move |k: u64| (((k >> 32) as u32 - lo) >> shift) as usize;
     let hists: Vec<Vec<u32>> = pieces
         .par_iter()
         .map(|c| {
-            let mut h = vec![0u32; bins];
+            let mut h = vec![0u32; 1 << BIN_BITS];
             for &k in c.iter() {
                 h[bin(k)] += 1;
             }
             h
         })
         .collect();
-    let per_bucket = n.div_ceil(4 * rayon::current_num_threads()).max(1);
-    let mut bucket_of_bin = vec![0usize; bins];
-    let (mut bucket, mut filled) = (0, 0);
-    for (b, slot) in bucket_of_bin.iter_mut().enumerate() {
-        let count: usize = hists.iter().map(|h| h[b] as usize).sum();
+    let total = sum_bins(&hists);
+    scatter_by_bins(pieces, &hists, &total, per_bucket, lo, shift, out, bin)
+}
+
+/// The sum of per-piece bin histograms.
+fn sum_bins(hists: &[Vec<u32>]) -> Vec<usize> {
+    let mut total = vec![0usize; 1 << BIN_BITS];
+    for h in hists {
+        for (t, &c) in total.iter_mut().zip(h) {
+            *t += c as usize;
+        }
+    }
+    total
+}
+
+/// The scatter of [`partition`] by `bin` (bin `b` holds the high words
+/// `lo + (b << shift) ..`), with per-piece histograms `hists` summing to `total`.
+#[allow(clippy::too_many_arguments)]
+fn scatter_by_bins(
+    pieces: &[&[u64]],
+    hists: &[Vec<u32>],
+    total: &[usize],
+    per_bucket: usize,
+    lo: u32,
+    shift: u32,
+    out: &mut [u64],
+    bin: impl Fn(u64) -> usize + Sync,
+) -> Vec<Bucket> {
+    // Consecutive bins, up to about `per_bucket` keys per bucket.
+    let mut bucket_of_bin = vec![0u16; total.len()];
+    let mut first_bins = vec![0usize];
+    let mut filled = 0;
+    for (b, (slot, &count)) in bucket_of_bin.iter_mut().zip(total).enumerate() {
         if filled > 0 && filled + count > per_bucket {
-            bucket += 1;
+            first_bins.push(b);
             filled = 0;
         }
-        *slot = bucket;
+        *slot = (first_bins.len() - 1) as u16;
         filled += count;
     }
-    let buckets = bucket + 1;
+    let n_buckets = first_bins.len();
+    let buckets: Vec<Bucket> = (0..n_buckets)
+        .map(|i| {
+            let (b0, b1) = (
+                first_bins[i],
+                first_bins.get(i + 1).copied().unwrap_or(total.len()),
+            );
+            // The bins' span of high words, below 2^32.
+            let span = (((b1 - b0) as u64) << shift) - 1;
+            Bucket {
+                len: total[b0..b1].iter().sum(),
+                lo: lo + ((b0 as u32) << shift),
+                bits: 64 - span.leading_zeros(),
+            }
+        })
+        .collect();
     // Every piece gets, in every bucket, its slot after the earlier pieces' slots.
-    let mut slots: Vec<Vec<&mut [u64]>> = pieces.iter().map(|_| Vec::new()).collect();
-    let mut bucket_lens = vec![0usize; buckets];
-    let mut counts: Vec<Vec<usize>> = vec![vec![0; buckets]; pieces.len()];
-    for (c, h) in counts.iter_mut().zip(&hists) {
+    let mut counts: Vec<Vec<usize>> = vec![vec![0; n_buckets]; pieces.len()];
+    for (c, h) in counts.iter_mut().zip(hists) {
         for (b, &count) in h.iter().enumerate() {
-            c[bucket_of_bin[b]] += count as usize;
+            c[usize::from(bucket_of_bin[b])] += count as usize;
         }
     }
+    let mut slots: Vec<Vec<&mut [u64]>> = pieces.iter().map(|_| Vec::new()).collect();
     let mut rest: &mut [u64] = out;
-    for (b, len) in bucket_lens.iter_mut().enumerate() {
+    for b in 0..n_buckets {
         for (piece_slots, c) in slots.iter_mut().zip(&counts) {
             let (slot, tail) = rest.split_at_mut(c[b]);
             piece_slots.push(slot);
             rest = tail;
-            *len += c[b];
         }
     }
     pieces
         .par_iter()
         .zip(slots.par_iter_mut())
         .for_each(|(piece, piece_slots)| {
-            let mut filled = vec![0usize; buckets];
+            let mut filled = vec![0usize; n_buckets];
             for &k in piece.iter() {
-                let b = bucket_of_bin[bin(k)];
+                let b = usize::from(bucket_of_bin[bin(k)]);
                 piece_slots[b][filled[b]] = k;
                 filled[b] += 1;
             }
         });
-    bucket_lens
+    buckets
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn matches_a_comparison_sort() {
-        // A simple LCG: large enough to use the radix passes, with many equal high words.
-        let mut state = 12345u64;
-        let keys: Vec<u64> = (0..150_000u64)
+    /// `n` keys with increasing low words and high words from `high(random)`.
+    fn lcg_keys(n: u64, seed: u64, high: impl Fn(u64) -> u64) -> Vec<u64> {
+        let mut state = seed;
+        (0..n)
             .map(|i| {
                 state = state
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
-                let high = (state >> 40) % 70_000 + ((state >> 20) & 1) * 0x3f80_0000;
-                (high << 32) | i
+                (high(state) << 32) | i
             })
-            .collect();
-        let mut radix = keys.clone();
-        sort_by_high_word(&mut radix, &mut Vec::new());
-        let mut reference = keys.clone();
-        reference.sort_unstable();
-        assert_eq!(radix, reference);
-        for threads in [2, 3, 8] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            for piece in [1000, 40_000, 150_000] {
-                // Each piece holds its keys at the start of a stretch twice its size.
-                let stride = 2 * piece;
-                let mut buffer = vec![u64::MAX; keys.len().div_ceil(piece) * stride];
-                let mut lens = Vec::new();
-                for (i, chunk) in keys.chunks(piece).enumerate() {
-                    buffer[i * stride..][..chunk.len()].copy_from_slice(chunk);
-                    lens.push(chunk.len());
+            .collect()
+    }
+
+    #[test]
+    fn matches_a_comparison_sort() {
+        // Two bins holding half the keys each (the parallel sort falls back to bins of the
+        // keys' range), with many equal high words; and high words spread over all bins.
+        let narrow = lcg_keys(150_000, 12345, |s| {
+            (s >> 40) % 70_000 + ((s >> 20) & 1) * 0x3f80_0000
+        });
+        let spread = lcg_keys(150_000, 777, |s| s >> 32);
+        for keys in [narrow, spread] {
+            let mut radix = keys.clone();
+            sort_by_high_word(&mut radix, &mut Vec::new());
+            let mut reference = keys.clone();
+            reference.sort_unstable();
+            assert_eq!(radix, reference);
+            for threads in [2, 3, 8] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for piece in [1000, 40_000, 150_000] {
+                    // Each piece holds its keys at the start of a stretch twice its size.
+                    let stride = 2 * piece;
+                    let mut buffer = vec![u64::MAX; keys.len().div_ceil(piece) * stride];
+                    let mut lens = Vec::new();
+                    for (i, chunk) in keys.chunks(piece).enumerate() {
+                        buffer[i * stride..][..chunk.len()].copy_from_slice(chunk);
+                        lens.push(chunk.len());
+                    }
+                    let hists: Vec<Vec<u32>> = keys.chunks(piece).map(bin_histogram).collect();
+                    let mut out = vec![7u64; 3];
+                    pool.install(|| par_sort_pieces(&mut buffer, stride, &lens, &hists, &mut out));
+                    assert_eq!(out, reference, "{threads} threads, pieces of {piece}");
                 }
-                let mut out = vec![7u64; 3];
-                pool.install(|| par_sort_pieces(&mut buffer, stride, &lens, &mut out));
-                assert_eq!(out, reference, "{threads} threads, pieces of {piece}");
             }
         }
     }

@@ -111,13 +111,18 @@ pub(crate) trait Real: candle::WithDType + PartialOrd + crate::buffer::ZeroBits 
     fn is_nan(self) -> bool;
     /// Sorts ascending; `scratch` is working memory (the vectors may be swapped).
     fn sort(keys: &mut Vec<Self::Packed>, scratch: &mut Vec<Self::Packed>);
+    /// What [`Real::par_sort`] needs to know of one piece of keys, taken while the piece
+    /// is hot in cache: its histogram over [`crate::radix::bin_of`] for f32.
+    fn piece_summary(piece: &[Self::Packed]) -> Vec<u32>;
     /// Sorts, on all rayon threads, the keys of the pieces of `pieces`: piece `i` is the
-    /// first `lens[i]` keys of its stretch `i * stride ..` of the buffer. The result goes
-    /// to `out`; `pieces` is then working memory (the two may be swapped).
+    /// first `lens[i]` keys of its stretch `i * stride ..` of the buffer, summed up in
+    /// `summaries[i]` by [`Real::piece_summary`]. The result goes to `out`; `pieces` is
+    /// then working memory (the two may be swapped).
     fn par_sort(
         pieces: &mut Vec<Self::Packed>,
         stride: usize,
         lens: &[usize],
+        summaries: &[Vec<u32>],
         out: &mut Vec<Self::Packed>,
     );
 }
@@ -189,8 +194,17 @@ impl Real for f32 {
     fn sort(keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
         crate::radix::sort_by_high_word(keys, scratch);
     }
-    fn par_sort(pieces: &mut Vec<u64>, stride: usize, lens: &[usize], out: &mut Vec<u64>) {
-        crate::radix::par_sort_pieces(pieces, stride, lens, out);
+    fn piece_summary(piece: &[u64]) -> Vec<u32> {
+        crate::radix::bin_histogram(piece)
+    }
+    fn par_sort(
+        pieces: &mut Vec<u64>,
+        stride: usize,
+        lens: &[usize],
+        summaries: &[Vec<u32>],
+        out: &mut Vec<u64>,
+    ) {
+        crate::radix::par_sort_pieces(pieces, stride, lens, summaries, out);
     }
 }
 
@@ -223,7 +237,16 @@ impl Real for f64 {
     fn sort(keys: &mut Vec<u128>, _scratch: &mut Vec<u128>) {
         keys.sort_unstable();
     }
-    fn par_sort(pieces: &mut Vec<u128>, stride: usize, lens: &[usize], out: &mut Vec<u128>) {
+    fn piece_summary(_piece: &[u128]) -> Vec<u32> {
+        Vec::new()
+    }
+    fn par_sort(
+        pieces: &mut Vec<u128>,
+        stride: usize,
+        lens: &[usize],
+        _summaries: &[Vec<u32>],
+        out: &mut Vec<u128>,
+    ) {
         out.clear();
         out.reserve(lens.iter().sum());
         for (piece, &len) in pieces.chunks(stride).zip(lens) {
@@ -490,14 +513,21 @@ fn run_job<T: Real>(
         // the sort then uses as its working memory.
         let pieces = &mut ws.scratch;
         crate::buffer::working(pieces, n);
-        let built: Vec<(usize, bool)> = pieces
+        let built: Vec<(usize, bool, Vec<u32>)> = pieces
             .par_chunks_mut(PIECE)
             .enumerate()
-            .map(|(i, out)| build(i * PIECE..n.min((i + 1) * PIECE), out))
+            .map(|(i, out)| {
+                let (len, nan) = build(i * PIECE..n.min((i + 1) * PIECE), out);
+                (len, nan, T::piece_summary(&out[..len]))
+            })
             .collect();
-        let lens: Vec<usize> = built.iter().map(|b| b.0).collect();
-        T::par_sort(pieces, PIECE, &lens, keys);
-        built.iter().any(|b| b.1)
+        let nan = built.iter().any(|b| b.1);
+        let (lens, summaries): (Vec<usize>, Vec<Vec<u32>>) = built
+            .into_iter()
+            .map(|(len, _, summary)| (len, summary))
+            .unzip();
+        T::par_sort(pieces, PIECE, &lens, &summaries, keys);
+        nan
     } else {
         crate::buffer::working(keys, n);
         let (len, nan) = build(0..n, keys);
