@@ -150,6 +150,15 @@ pub(crate) fn give_cached<T: Cached>(v: Vec<T>) {
 
 /// Frees the working memory the Lovász kernel keeps between calls (at most
 /// [`CACHE_MAX_BYTES`]); the next call allocates it again.
+///
+/// Only a job split over all threads (the binary losses per batch, or any loss with
+/// fewer (group, class) jobs than rayon threads) keeps its two key buffers, 16 bytes per
+/// pixel of the group for f32 inputs, when they fit.
+///
+/// ```
+/// lovasz_candle::release_cached_buffers();
+/// assert_eq!(lovasz_candle::cached_buffer_bytes(), 0);
+/// ```
 pub fn release_cached_buffers() {
     for v in std::mem::take(&mut lock(&CACHE_U64).free) {
         drop(v);

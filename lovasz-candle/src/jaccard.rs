@@ -46,10 +46,34 @@ impl JaccardWalk {
 
     /// Advances by one sorted pixel and returns its weight `J_k - J_(k-1)`.
     ///
-    /// Without a branch on `fg`: in sorted order the ground truth is close to random, and
-    /// a mispredicted branch per pixel cost more than the division both cases now take.
+    /// Branches on `fg`: the faster step when the ground truth is mostly one value (a
+    /// class among many, where a foreground pixel also skips the division), the slower
+    /// one when it is close to random in sorted order; see [`Self::step_blended`].
     #[inline]
     pub fn step(&mut self, fg: bool) -> f64 {
+        if fg {
+            // A foreground pixel exists, so G >= 1 and 1 / (G + b) is finite.
+            self.fg_seen += 1;
+            return self.inv_union;
+        }
+        self.bg_seen += 1;
+        let union = self.gts + self.bg_seen;
+        let inv_prev = self.inv_union;
+        self.inv_union = 1.0 / count(union);
+        if union == 1 {
+            // G = 0: the first pixel takes J from 0 to 1.
+            return 1.0;
+        }
+        count(self.gts - self.fg_seen) * inv_prev * self.inv_union
+    }
+
+    /// [`Self::step`] without a branch on `fg`, the same weight bit for bit: both cases
+    /// are computed and blended by 0 / 1 factors (exact, both weights being finite). When
+    /// the ground truth in sorted order is close to random (a binary loss), a branch
+    /// mispredicts on about every other pixel, which costs more than the division both
+    /// cases then take.
+    #[inline]
+    pub fn step_blended(&mut self, fg: bool) -> f64 {
         let is_fg = u64::from(fg);
         self.fg_seen += is_fg;
         self.bg_seen += 1 - is_fg;
@@ -63,9 +87,6 @@ impl JaccardWalk {
         } else {
             count(self.gts - self.fg_seen) * inv_prev * self.inv_union
         };
-        // A blend by 0 / 1 factors, exact because both weights are finite (a foreground
-        // pixel exists, so G >= 1 and 1 / (G + b) is finite): a select compiled to a
-        // branch mispredicted on about every other pixel.
         let fg_factor = is_fg as i64 as f64;
         inv_prev * fg_factor + bg_weight * (1.0 - fg_factor)
     }
@@ -188,12 +209,36 @@ mod tests {
     }
 
     #[test]
+    fn blended_steps_match_branched_steps() {
+        let mut state = 5u64;
+        for (n, every) in [(200usize, 2u64), (200, 20), (50, 1), (50, 0)] {
+            let fg: Vec<bool> = (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    every > 0 && (state >> 33) % every == 0
+                })
+                .collect();
+            let gts = fg.iter().filter(|&&f| f).count() as u64;
+            let (mut a, mut b) = (JaccardWalk::new(gts), JaccardWalk::new(gts));
+            for &f in &fg {
+                assert_eq!(a.step(f).to_bits(), b.step_blended(f).to_bits(), "n {n}");
+            }
+        }
+    }
+
+    #[test]
     fn no_foreground_puts_all_weight_first() {
         let mut walk = JaccardWalk::new(0);
         assert_eq!(walk.step(false), 1.0);
         assert_eq!(walk.step(false), 0.0);
         assert_eq!(JaccardWalk::resume(0, 0, 0).step(false), 1.0);
         assert_eq!(JaccardWalk::resume(0, 0, 3).step(false), 0.0);
+        let mut blended = JaccardWalk::new(0);
+        assert_eq!(blended.step_blended(false), 1.0);
+        assert_eq!(blended.step_blended(false), 0.0);
+        assert_eq!(JaccardWalk::resume(0, 0, 0).step_blended(false), 1.0);
     }
 
     #[test]

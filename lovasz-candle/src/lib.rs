@@ -39,6 +39,14 @@
 //! may be f16, bf16, f32 or f64: half-precision inputs are upcast to f32 (the loss is
 //! returned in f32), f64 stays f64.
 //!
+//! # Memory
+//!
+//! The kernel's working memory is freed when a call returns, except when one (group,
+//! class) job is split over all threads (the binary losses per batch): its two key
+//! buffers are kept for the next call, up to [`CACHE_MAX_BYTES`] in all, since a training
+//! loop calls the loss with the same shapes at every step.
+//! [`release_cached_buffers`] frees them and [`cached_buffer_bytes`] tells their size.
+//!
 //! # Example
 //!
 //! ```

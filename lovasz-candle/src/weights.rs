@@ -671,6 +671,17 @@ where
     F: Fn(f64, T::Packed) -> (f64, f64, f64) + Sync,
 {
     let rows = RowWrites::new(rows, shift);
+    // A class among many (or a background among many foregrounds) gives predictable
+    // branches; a binary loss gives a ground truth close to random in sorted order.
+    let n = keys.len() as u64;
+    let blended = gts.min(n.saturating_sub(gts)) * 8 > n;
+    let walk_piece = |piece: &[T::Packed], jw: &mut JaccardWalk| {
+        if blended {
+            walk_piece(piece, jw, scale, &out, &rows, JaccardWalk::step_blended)
+        } else {
+            walk_piece(piece, jw, scale, &out, &rows, JaccardWalk::step)
+        }
+    };
     let sums: Vec<JobSums> = if parallel && keys.len() >= 2 * PIECE {
         let fg: Vec<u64> = keys
             .par_chunks(PIECE)
@@ -688,12 +699,12 @@ where
         }
         keys.par_chunks(PIECE)
             .zip(starts)
-            .map(|(piece, mut jw)| walk_piece(piece, &mut jw, scale, &out, &rows))
+            .map(|(piece, mut jw)| walk_piece(piece, &mut jw))
             .collect()
     } else {
         let mut jw = JaccardWalk::new(gts);
         keys.chunks(PIECE)
-            .map(|piece| walk_piece(piece, &mut jw, scale, &out, &rows))
+            .map(|piece| walk_piece(piece, &mut jw))
             .collect()
     };
     sums.into_iter().fold(JobSums::default(), |a, b| JobSums {
@@ -702,7 +713,8 @@ where
     })
 }
 
-/// One piece of [`walk`]: advances `jw` over `keys`, writes each value into `rows`.
+/// One piece of [`walk`]: advances `jw` over `keys` by `step` (one of the
+/// [`JaccardWalk`] steps), writes each value into `rows`.
 #[inline(always)]
 fn walk_piece<T: Real>(
     keys: &[T::Packed],
@@ -710,6 +722,7 @@ fn walk_piece<T: Real>(
     scale: f64,
     out: &impl Fn(f64, T::Packed) -> (f64, f64, f64),
     rows: &RowWrites<T>,
+    step: impl Fn(&mut JaccardWalk, bool) -> f64,
 ) -> JobSums {
     // Local copies stay in registers: through `&mut`, the walk's state and the sums were
     // stored to memory and reloaded at every step.
@@ -717,7 +730,7 @@ fn walk_piece<T: Real>(
     let mut walk = jw.clone();
     for &key in keys {
         let (idx, _, fg) = T::unpack(key);
-        let (value, k, l) = out(walk.step(fg) * scale, key);
+        let (value, k, l) = out(step(&mut walk, fg) * scale, key);
         // SAFETY: keys are built one per pixel, so every index is written once, by the one
         // thread that walks its key.
         unsafe { rows.write(idx, T::from_f64(value)) };
