@@ -279,22 +279,34 @@ impl ErrorKind {
     /// For weight `w` of a pixel with error `err` (clamped by the caller's key), slope bit
     /// and ground truth: `(w a, w k, w e)` with `e = k + a x` the clamped error near `x`.
     ///
-    /// Sign flips and products with 0 / 1 rather than branches: in sorted order the slope
-    /// and ground-truth bits are close to random.
-    #[inline]
-    fn linear(self, w: f64, err: f64, slope: bool, fg: bool) -> (f64, f64, f64) {
-        let target = f64::indicator(fg);
-        match self {
-            // slope: e = t - x, else e = x - t.
-            ErrorKind::Abs => {
-                let a = w.neg_if(slope);
-                (a, -a * target, w * err)
-            }
-            // slope: e = 1 - x t = 1 + x (-t), else the clamped error is 0.
-            ErrorKind::Hinge => {
-                let on = f64::indicator(slope);
-                (w.neg_if(fg) * on, w * on, w * err * on)
-            }
+    /// With `MIXED` (the walk's ground truth close to random, as in a binary loss), by
+    /// sign flips and products with 0 / 1 rather than branches on the slope and
+    /// ground-truth bits; the results are the same.
+    #[inline(always)]
+    fn linear<const MIXED: bool>(self, w: f64, err: f64, slope: bool, fg: bool) -> (f64, f64, f64) {
+        if MIXED {
+            let target = f64::indicator(fg);
+            return match self {
+                // slope: e = t - x, else e = x - t.
+                ErrorKind::Abs => {
+                    let a = w.neg_if(slope);
+                    (a, -a * target, w * err)
+                }
+                // slope: e = 1 - x t = 1 + x (-t), else the clamped error is 0 (+0.0 in all
+                // three, whatever `err` is, as the branched form gives).
+                ErrorKind::Hinge => {
+                    let mask = 0u64.wrapping_sub(u64::from(slope));
+                    let on = |v: f64| f64::from_bits(v.to_bits() & mask);
+                    (on(w.neg_if(fg)), on(w), on(w * err))
+                }
+            };
+        }
+        let target = if fg { 1.0 } else { 0.0 };
+        match (self, slope) {
+            (ErrorKind::Abs, true) => (-w, w * target, w * err),
+            (ErrorKind::Abs, false) => (w, -w * target, w * err),
+            (ErrorKind::Hinge, true) => (if fg { -w } else { w }, w, w * err),
+            (ErrorKind::Hinge, false) => (0.0, 0.0, 0.0),
         }
     }
 }
@@ -540,25 +552,48 @@ fn run_job<T: Real>(
     }
     // Everything the outputs need is in the keys, so one walk writes them, in place.
     let shift = index_shift(s_n);
+    // A class among many (or a background among many foregrounds) gives predictable
+    // branches; a binary loss gives a ground truth close to random in sorted order.
+    let (n, gts) = (keys.len() as u64, job.gts);
+    let mixed = gts.min(n.saturating_sub(gts)) * 8 > n;
+    let sums = if mixed {
+        walk_job::<T, true>(p, keys, outs, shift, job, parallel)
+    } else {
+        walk_job::<T, false>(p, keys, outs, shift, job, parallel)
+    };
+    (sums, nan)
+}
+
+/// The walk of one job's sorted keys, with the outputs of its problem (`MIXED`: see
+/// [`walk`]).
+fn walk_job<T: Real, const MIXED: bool>(
+    p: &Problem<T>,
+    keys: &[T::Packed],
+    outs: &mut [&mut [T]],
+    shift: u32,
+    job: &Job,
+    parallel: bool,
+) -> JobSums {
     let (gts, scale) = (job.gts, job.scale);
-    let sums = match (p.output, p.kind) {
-        (Output::Weights, _) => walk(keys, outs, shift, gts, scale, parallel, |w, _| {
-            (w, 0.0, 0.0)
-        }),
+    match (p.output, p.kind) {
+        (Output::Weights, _) => {
+            walk::<T, _, MIXED>(keys, outs, shift, gts, scale, parallel, |w, _| {
+                (w, 0.0, 0.0)
+            })
+        }
         (Output::Linear, ErrorKind::Abs) => {
-            walk(keys, outs, shift, gts, scale, parallel, |w, key| {
+            walk::<T, _, MIXED>(keys, outs, shift, gts, scale, parallel, |w, key| {
                 let (_, slope, fg) = T::unpack(key);
-                ErrorKind::Abs.linear(w, T::error(key).to_f64(), slope, fg)
+                ErrorKind::Abs.linear::<MIXED>(w, T::error(key).to_f64(), slope, fg)
             })
         }
         (Output::Linear, ErrorKind::Hinge) => {
-            walk(keys, outs, shift, gts, scale, parallel, |w, key| {
+            walk::<T, _, MIXED>(keys, outs, shift, gts, scale, parallel, |w, key| {
                 let (_, slope, fg) = T::unpack(key);
-                ErrorKind::Hinge.linear(w, T::error(key).to_f64(), slope, fg)
+                ErrorKind::Hinge.linear::<MIXED>(w, T::error(key).to_f64(), slope, fg)
             })
         }
-    };
-    (sums, nan)
+    }
 }
 
 /// Bits of a key's pixel index that hold the pixel within its image: enough for
@@ -657,8 +692,9 @@ fn push_keys<T: Real>(
 /// (pixel index `image << shift | pixel`): `out` maps (Jaccard weight times `scale`, key)
 /// to (value, share of K, share of the loss). With `parallel`, pieces of the keys are
 /// walked on all threads, each starting from the foreground and background counts before
-/// it.
-fn walk<T: Real, F>(
+/// it. With `MIXED` (foreground and background both common), the steps are
+/// [`JaccardWalk::step_blended`], else [`JaccardWalk::step`].
+fn walk<T: Real, F, const MIXED: bool>(
     keys: &[T::Packed],
     rows: &mut [&mut [T]],
     shift: u32,
@@ -670,18 +706,6 @@ fn walk<T: Real, F>(
 where
     F: Fn(f64, T::Packed) -> (f64, f64, f64) + Sync,
 {
-    let rows = RowWrites::new(rows, shift);
-    // A class among many (or a background among many foregrounds) gives predictable
-    // branches; a binary loss gives a ground truth close to random in sorted order.
-    let n = keys.len() as u64;
-    let blended = gts.min(n.saturating_sub(gts)) * 8 > n;
-    let walk_piece = |piece: &[T::Packed], jw: &mut JaccardWalk| {
-        if blended {
-            walk_piece(piece, jw, scale, &out, &rows, JaccardWalk::step_blended)
-        } else {
-            walk_piece(piece, jw, scale, &out, &rows, JaccardWalk::step)
-        }
-    };
     let sums: Vec<JobSums> = if parallel && keys.len() >= 2 * PIECE {
         let fg: Vec<u64> = keys
             .par_chunks(PIECE)
@@ -697,14 +721,25 @@ where
             ));
             fg_before += f;
         }
+        let rows = RowWrites::new(rows, shift);
         keys.par_chunks(PIECE)
             .zip(starts)
-            .map(|(piece, mut jw)| walk_piece(piece, &mut jw))
+            .map(|(piece, mut jw)| {
+                // SAFETY: keys are built one per pixel, so every index is written once, by
+                // the one thread that walks its key.
+                let write = |i, v| unsafe { rows.write(i, v) };
+                walk_piece::<T, MIXED>(piece, &mut jw, scale, &out, write)
+            })
             .collect()
     } else {
+        let mask = (1usize << shift) - 1;
         let mut jw = JaccardWalk::new(gts);
         keys.chunks(PIECE)
-            .map(|piece| walk_piece(piece, &mut jw))
+            .map(|piece| {
+                let rows = &mut *rows;
+                let write = move |i: usize, v| rows[i >> shift][i & mask] = v;
+                walk_piece::<T, MIXED>(piece, &mut jw, scale, &out, write)
+            })
             .collect()
     };
     sums.into_iter().fold(JobSums::default(), |a, b| JobSums {
@@ -713,16 +748,15 @@ where
     })
 }
 
-/// One piece of [`walk`]: advances `jw` over `keys` by `step` (one of the
-/// [`JaccardWalk`] steps), writes each value into `rows`.
+/// One piece of [`walk`]: advances `jw` over `keys` (by [`JaccardWalk::step_blended`] if
+/// `MIXED`, else [`JaccardWalk::step`]), hands each value to `write`.
 #[inline(always)]
-fn walk_piece<T: Real>(
+fn walk_piece<T: Real, const MIXED: bool>(
     keys: &[T::Packed],
     jw: &mut JaccardWalk,
     scale: f64,
     out: &impl Fn(f64, T::Packed) -> (f64, f64, f64),
-    rows: &RowWrites<T>,
-    step: impl Fn(&mut JaccardWalk, bool) -> f64,
+    mut write: impl FnMut(usize, T),
 ) -> JobSums {
     // Local copies stay in registers: through `&mut`, the walk's state and the sums were
     // stored to memory and reloaded at every step.
@@ -730,10 +764,13 @@ fn walk_piece<T: Real>(
     let mut walk = jw.clone();
     for &key in keys {
         let (idx, _, fg) = T::unpack(key);
-        let (value, k, l) = out(step(&mut walk, fg) * scale, key);
-        // SAFETY: keys are built one per pixel, so every index is written once, by the one
-        // thread that walks its key.
-        unsafe { rows.write(idx, T::from_f64(value)) };
+        let weight = if MIXED {
+            walk.step_blended(fg)
+        } else {
+            walk.step(fg)
+        };
+        let (value, k, l) = out(weight * scale, key);
+        write(idx, T::from_f64(value));
         offset += k;
         loss += l;
     }
@@ -782,5 +819,32 @@ impl<'a, T> RowWrites<'a, T> {
         assert!(pixel < self.len, "pixel {pixel} out of {}", self.len);
         // SAFETY: in bounds (checked above), and no other thread touches this element.
         unsafe { start.add(pixel).write(value) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blended_coefficients_match_branched_ones() {
+        for kind in [ErrorKind::Abs, ErrorKind::Hinge] {
+            for (w, err) in [
+                (0.25, 0.75),
+                (1e-9, 1.5),
+                (3.0, 0.0),
+                (0.5, -0.0),
+                (2.0, f64::NAN),
+            ] {
+                for slope in [false, true] {
+                    for fg in [false, true] {
+                        let bits = |c: (f64, f64, f64)| [c.0, c.1, c.2].map(f64::to_bits);
+                        let branched = bits(kind.linear::<false>(w, err, slope, fg));
+                        let blended = bits(kind.linear::<true>(w, err, slope, fg));
+                        assert_eq!(branched, blended, "{kind:?} {w} {err} {slope} {fg}");
+                    }
+                }
+            }
+        }
     }
 }
