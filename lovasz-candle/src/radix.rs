@@ -40,8 +40,48 @@ fn radix(data: &mut [u64], scratch: &mut [u64]) -> bool {
         data.sort_unstable();
         return false;
     }
+    if data.len() >= WIDE_MIN {
+        return radix_wide(data, scratch);
+    }
     let (lo, hi) = high_range(data);
     radix_in(data, scratch, lo, 32 - (hi - lo).leading_zeros())
+}
+
+/// [`radix`] for at least [`WIDE_MIN`] keys: one pass takes both the keys' range and the
+/// histograms of three 10-bit digits at fixed places of the high word (bits 0 to 30).
+/// When the high words agree above bit 30 (errors in `[0, 2)` do) and those digits need
+/// no more passes than digits placed on the range would, they are sorted on; else on the
+/// range, as [`radix_in`] does.
+fn radix_wide(data: &mut [u64], scratch: &mut [u64]) -> bool {
+    const W: u32 = 10;
+    let mask = (1u32 << W) - 1;
+    let mut hist = vec![0usize; 3 << W];
+    let (h0, rest) = hist.split_at_mut(1 << W);
+    let (h1, h2) = rest.split_at_mut(1 << W);
+    let (mut lo, mut hi) = (u32::MAX, 0u32);
+    for &k in data.iter() {
+        let h = (k >> 32) as u32;
+        lo = lo.min(h);
+        hi = hi.max(h);
+        h0[(h & mask) as usize] += 1;
+        h1[(h >> W & mask) as usize] += 1;
+        h2[(h >> (2 * W) & mask) as usize] += 1;
+    }
+    let bits = 32 - (hi - lo).leading_zeros();
+    let on_range = match bits {
+        0 => 0,
+        1..=10 => 1,
+        11..=22 => 2,
+        _ => 3,
+    };
+    let n = data.len();
+    let fixed = hist.chunks(1 << W).filter(|h| !h.contains(&n)).count();
+    // All high words between `lo` and `hi` share the bits above 30 when those two do.
+    if (lo ^ hi) >> (3 * W) == 0 && fixed <= on_range {
+        scatter_passes::<3, W>(data, scratch, 0, hist)
+    } else {
+        radix_in(data, scratch, lo, bits)
+    }
 }
 
 /// The smallest and largest high word of `keys` (`(u32::MAX, 0)` if empty).
@@ -87,7 +127,6 @@ fn radix_in(data: &mut [u64], scratch: &mut [u64], lo: u32, bits: u32) -> bool {
 /// `P` stable counting passes of `W` bits over `(key >> 32) - lo`, least significant
 /// digit first, between `data` and `scratch`. Returns whether the result is in `scratch`.
 fn passes_of<const P: usize, const W: u32>(data: &mut [u64], scratch: &mut [u64], lo: u32) -> bool {
-    let n = data.len();
     let buckets = 1usize << W;
     let mask = (buckets - 1) as u32;
     let digit = move |k: u64, pass: usize| ((k >> 32) as u32 - lo) >> (pass as u32 * W) & mask;
@@ -97,6 +136,22 @@ fn passes_of<const P: usize, const W: u32>(data: &mut [u64], scratch: &mut [u64]
             hist[pass * buckets + digit(k, pass) as usize] += 1;
         }
     }
+    scatter_passes::<P, W>(data, scratch, lo, hist)
+}
+
+/// The counting passes of [`passes_of`], given the histograms of its `P` digits
+/// (`hist[pass * 2^W + digit]`); a digit with one value everywhere is skipped. Returns
+/// whether the result is in `scratch`.
+fn scatter_passes<const P: usize, const W: u32>(
+    data: &mut [u64],
+    scratch: &mut [u64],
+    lo: u32,
+    mut hist: Vec<usize>,
+) -> bool {
+    let n = data.len();
+    let buckets = 1usize << W;
+    let mask = (buckets - 1) as u32;
+    let digit = move |k: u64, pass: usize| ((k >> 32) as u32 - lo) >> (pass as u32 * W) & mask;
     let mut in_scratch = false;
     for (pass, offsets) in hist.chunks_mut(buckets).enumerate() {
         if offsets.contains(&n) {
