@@ -79,19 +79,23 @@ pub(crate) struct Cache<T> {
     bytes: usize,
 }
 
+impl<T> Cache<T> {
+    /// An empty cache.
+    const fn new() -> Self {
+        Self {
+            free: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
 /// Element types of cached working buffers: each has its cache.
 pub(crate) trait Cached: ZeroBits + Send + 'static {
     fn cache() -> &'static Mutex<Cache<Self>>;
 }
 
-static CACHE_U64: Mutex<Cache<u64>> = Mutex::new(Cache {
-    free: Vec::new(),
-    bytes: 0,
-});
-static CACHE_U128: Mutex<Cache<u128>> = Mutex::new(Cache {
-    free: Vec::new(),
-    bytes: 0,
-});
+static CACHE_U64: Mutex<Cache<u64>> = Mutex::new(Cache::new());
+static CACHE_U128: Mutex<Cache<u128>> = Mutex::new(Cache::new());
 
 impl Cached for u64 {
     fn cache() -> &'static Mutex<Cache<u64>> {
@@ -160,14 +164,10 @@ pub(crate) fn give_cached<T: Cached>(v: Vec<T>) {
 /// assert_eq!(lovasz_candle::cached_buffer_bytes(), 0);
 /// ```
 pub fn release_cached_buffers() {
-    for v in std::mem::take(&mut lock(&CACHE_U64).free) {
-        drop(v);
-    }
-    lock(&CACHE_U64).bytes = 0;
-    for v in std::mem::take(&mut lock(&CACHE_U128).free) {
-        drop(v);
-    }
-    lock(&CACHE_U128).bytes = 0;
+    // Buffers and count are emptied under one lock (a buffer given back in between would
+    // otherwise go uncounted), and freed after it.
+    drop(std::mem::take(&mut *lock(&CACHE_U64)));
+    drop(std::mem::take(&mut *lock(&CACHE_U128)));
 }
 
 /// The bytes of working memory the Lovász kernel keeps between calls now.

@@ -18,7 +18,7 @@ pub(crate) struct JaccardWalk {
     fg_seen: u64,
     bg_seen: u64,
     /// `1 / (G + b)` for the current `b` (0 while `G + b = 0`: no weight reads it then,
-    /// and the blend in [`Self::step`] needs it finite).
+    /// and the blend in [`Self::step_blended`] needs it finite).
     inv_union: f64,
 }
 

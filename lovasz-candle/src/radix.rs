@@ -54,7 +54,6 @@ fn radix(data: &mut [u64], scratch: &mut [u64]) -> bool {
 /// range, as [`radix_in`] does.
 fn radix_wide(data: &mut [u64], scratch: &mut [u64]) -> bool {
     const W: u32 = 10;
-    let mask = (1u32 << W) - 1;
     let mut hist = vec![0usize; 3 << W];
     let (h0, rest) = hist.split_at_mut(1 << W);
     let (h1, h2) = rest.split_at_mut(1 << W);
@@ -63,9 +62,9 @@ fn radix_wide(data: &mut [u64], scratch: &mut [u64]) -> bool {
         let h = (k >> 32) as u32;
         lo = lo.min(h);
         hi = hi.max(h);
-        h0[(h & mask) as usize] += 1;
-        h1[(h >> W & mask) as usize] += 1;
-        h2[(h >> (2 * W) & mask) as usize] += 1;
+        h0[digit::<W>(k, 0, 0)] += 1;
+        h1[digit::<W>(k, 0, 1)] += 1;
+        h2[digit::<W>(k, 0, 2)] += 1;
     }
     let bits = 32 - (hi - lo).leading_zeros();
     let on_range = match bits {
@@ -128,12 +127,10 @@ fn radix_in(data: &mut [u64], scratch: &mut [u64], lo: u32, bits: u32) -> bool {
 /// digit first, between `data` and `scratch`. Returns whether the result is in `scratch`.
 fn passes_of<const P: usize, const W: u32>(data: &mut [u64], scratch: &mut [u64], lo: u32) -> bool {
     let buckets = 1usize << W;
-    let mask = (buckets - 1) as u32;
-    let digit = move |k: u64, pass: usize| ((k >> 32) as u32 - lo) >> (pass as u32 * W) & mask;
     let mut hist = vec![0usize; buckets * P];
     for &k in data.iter() {
         for pass in 0..P {
-            hist[pass * buckets + digit(k, pass) as usize] += 1;
+            hist[pass * buckets + digit::<W>(k, lo, pass)] += 1;
         }
     }
     scatter_passes::<P, W>(data, scratch, lo, hist)
@@ -150,8 +147,6 @@ fn scatter_passes<const P: usize, const W: u32>(
 ) -> bool {
     let n = data.len();
     let buckets = 1usize << W;
-    let mask = (buckets - 1) as u32;
-    let digit = move |k: u64, pass: usize| ((k >> 32) as u32 - lo) >> (pass as u32 * W) & mask;
     let mut in_scratch = false;
     for (pass, offsets) in hist.chunks_mut(buckets).enumerate() {
         if offsets.contains(&n) {
@@ -170,13 +165,19 @@ fn scatter_passes<const P: usize, const W: u32>(
             (data, scratch)
         };
         for &k in src {
-            let d = digit(k, pass) as usize;
+            let d = digit::<W>(k, lo, pass);
             dst[offsets[d]] = k;
             offsets[d] += 1;
         }
         in_scratch = !in_scratch;
     }
     in_scratch
+}
+
+/// Digit `pass` (of `W` bits, least significant first) of `(key >> 32) - lo`.
+#[inline(always)]
+fn digit<const W: u32>(k: u64, lo: u32, pass: usize) -> usize {
+    (((k >> 32) as u32 - lo) >> (pass as u32 * W) & ((1 << W) - 1)) as usize
 }
 
 /// Bits of a key's high word below its bin: a bin is the top [`BIN_BITS`] bits.
@@ -192,9 +193,14 @@ pub(crate) fn bin_of(k: u64) -> usize {
 
 /// The histogram of `keys` over the bins of [`bin_of`].
 pub(crate) fn bin_histogram(keys: &[u64]) -> Vec<u32> {
+    histogram(keys, bin_of)
+}
+
+/// The histogram of `keys` over [`BIN_BITS`]-bit bins chosen by `bin`.
+fn histogram(keys: &[u64], bin: impl Fn(u64) -> usize) -> Vec<u32> {
     let mut h = vec![0u32; 1 << BIN_BITS];
     for &k in keys {
-        h[bin_of(k)] += 1;
+        h[bin(k)] += 1;
     }
     h
 }
@@ -280,21 +286,10 @@ struct Bucket {
 /// (errors within a narrow range): then the bins are the top [`BIN_BITS`] bits of the
 /// range the keys span, at the cost of two more passes over them.
 fn partition(pieces: &[&[u64]], hists: &[Vec<u32>], out: &mut [u64]) -> Vec<Bucket> {
-    let n = out.len();
-    let threads = rayon::current_num_threads();
-    let per_bucket = n.div_ceil(4 * threads).max(1);
     let fixed_total = sum_bins(hists);
+    let per_bucket = keys_per_bucket(out.len());
     if fixed_total.iter().all(|&c| c <= per_bucket) {
-        return scatter_by_bins(
-            pieces,
-            hists,
-            &fixed_total,
-            per_bucket,
-            0,
-            BIN_SHIFT,
-            out,
-            bin_of,
-        );
+        return scatter_by_bins(pieces, hists, &fixed_total, 0, BIN_SHIFT, out, bin_of);
     }
     let (lo, hi) = pieces
         .par_iter()
@@ -303,18 +298,14 @@ fn partition(pieces: &[&[u64]], hists: &[Vec<u32>], out: &mut [u64]) -> Vec<Buck
     let bits = 32 - hi.saturating_sub(lo).leading_zeros();
     let shift = bits.saturating_sub(BIN_BITS);
     let bin = move |k: u64| (((k >> 32) as u32 - lo) >> shift) as usize;
-    let hists: Vec<Vec<u32>> = pieces
-        .par_iter()
-        .map(|c| {
-            let mut h = vec![0u32; 1 << BIN_BITS];
-            for &k in c.iter() {
-                h[bin(k)] += 1;
-            }
-            h
-        })
-        .collect();
+    let hists: Vec<Vec<u32>> = pieces.par_iter().map(|c| histogram(c, bin)).collect();
     let total = sum_bins(&hists);
-    scatter_by_bins(pieces, &hists, &total, per_bucket, lo, shift, out, bin)
+    scatter_by_bins(pieces, &hists, &total, lo, shift, out, bin)
+}
+
+/// About four buckets per thread for `n` keys: the keys each bucket should hold.
+fn keys_per_bucket(n: usize) -> usize {
+    n.div_ceil(4 * rayon::current_num_threads()).max(1)
 }
 
 /// The sum of per-piece bin histograms.
@@ -330,18 +321,17 @@ fn sum_bins(hists: &[Vec<u32>]) -> Vec<usize> {
 
 /// The scatter of [`partition`] by `bin` (bin `b` holds the high words
 /// `lo + (b << shift) ..`), with per-piece histograms `hists` summing to `total`.
-#[allow(clippy::too_many_arguments)]
 fn scatter_by_bins(
     pieces: &[&[u64]],
     hists: &[Vec<u32>],
     total: &[usize],
-    per_bucket: usize,
     lo: u32,
     shift: u32,
     out: &mut [u64],
     bin: impl Fn(u64) -> usize + Sync,
 ) -> Vec<Bucket> {
     // Consecutive bins, up to about `per_bucket` keys per bucket.
+    let per_bucket = keys_per_bucket(out.len());
     let mut bucket_of_bin = vec![0u16; total.len()];
     let mut first_bins = vec![0usize];
     let mut filled = 0;
