@@ -205,18 +205,32 @@ fn histogram(keys: &[u64], bin: impl Fn(u64) -> usize) -> Vec<u32> {
     h
 }
 
+/// Where a parallel sort left its keys: consecutive runs of the sorted sequence, each in
+/// the result buffer or at the same positions in the working buffer, and, for each
+/// stretch of `stretch` sorted positions, how many keys have bit 0 set (the kernel's
+/// foreground bit), so that a walk over the stretches can start each one from the counts
+/// before it.
+pub(crate) struct Sorted {
+    /// `(length, in the working buffer)` of each run, in order.
+    pub runs: Vec<(usize, bool)>,
+    /// Keys with bit 0 set in sorted positions `i * stretch .. (i + 1) * stretch`.
+    pub flagged: Vec<u64>,
+}
+
 /// Sorts, as [`sort_by_high_word`] does and on all rayon threads, the keys of the pieces
 /// of `pieces` (piece `i`: the first `lens[i]` keys from `i * stride`, with `hists[i]` its
-/// [`bin_histogram`]), in order, into `out`; `pieces` is then working memory, and the two
-/// vectors may be swapped. Keys must be distinct (the kernel's carry their pixel index)
-/// and their lower words increasing along the pieces.
+/// [`bin_histogram`]), in order, into `out` and `pieces` as the returned runs say; both
+/// vectors then hold the total number of keys. Keys must be distinct (the kernel's carry
+/// their pixel index) and their lower words increasing along the pieces. Bit 0 is counted
+/// per `stretch` sorted keys while each bucket is still in cache.
 pub(crate) fn par_sort_pieces(
     pieces: &mut Vec<u64>,
     stride: usize,
     lens: &[usize],
     hists: &[Vec<u32>],
     out: &mut Vec<u64>,
-) {
+    stretch: usize,
+) -> Sorted {
     let n: usize = lens.iter().sum();
     crate::buffer::working(out, n);
     let buckets = {
@@ -229,42 +243,49 @@ pub(crate) fn par_sort_pieces(
     };
     // The pieces are read: their buffer is the working memory of the bucket sorts.
     pieces.truncate(n);
-    let spare = pieces;
     // Buckets are whole key ranges in order: sorting each sorts everything.
     let mut parts = Vec::with_capacity(buckets.len());
-    let (mut data, mut free): (&mut [u64], &mut [u64]) = (out, spare);
+    let (mut data, mut free, mut start): (&mut [u64], &mut [u64], usize) = (out, pieces, 0);
     for b in &buckets {
         let (d, d_rest) = data.split_at_mut(b.len);
         let (s, s_rest) = free.split_at_mut(b.len);
-        parts.push((d, s, b.lo, b.bits));
+        parts.push((d, s, b.lo, b.bits, start));
         data = d_rest;
         free = s_rest;
+        start += b.len;
     }
-    let in_spare: Vec<bool> = parts
+    // Each bucket's result stays where its passes left it (by their parity).
+    let sorted: Vec<(bool, Vec<(usize, u64)>)> = parts
         .par_iter_mut()
-        .map(|(d, s, lo, bits)| radix_in(d, s, *lo, *bits))
+        .map(|(d, s, lo, bits, start)| {
+            let in_spare = radix_in(d, s, *lo, *bits);
+            let keys: &[u64] = if in_spare { s } else { d };
+            (in_spare, flagged_by_stretch(keys, *start, stretch))
+        })
         .collect();
-    // Each bucket's result is in `out` or in `spare` (by the parity of its passes): the
-    // buffer holding most keys becomes the result, and only the others are copied.
-    let spare_keys: usize = (buckets.iter().zip(&in_spare))
-        .filter(|(_, &s)| s)
-        .map(|(b, _)| b.len)
-        .sum();
-    let into_spare = 2 * spare_keys > n;
-    parts
-        .into_par_iter()
-        .zip(in_spare)
-        .filter(|(_, s)| *s != into_spare)
-        .for_each(|((d, s, _, _), _)| {
-            if into_spare {
-                s.copy_from_slice(d);
-            } else {
-                d.copy_from_slice(s);
-            }
-        });
-    if into_spare {
-        std::mem::swap(out, spare);
+    let mut flagged = vec![0u64; n.div_ceil(stretch)];
+    let mut runs = Vec::with_capacity(buckets.len());
+    for (b, (in_spare, counts)) in buckets.iter().zip(sorted) {
+        runs.push((b.len, in_spare));
+        for (i, c) in counts {
+            flagged[i] += c;
+        }
     }
+    Sorted { runs, flagged }
+}
+
+/// For keys at sorted positions `start ..`: `(i, keys with bit 0 set)` for each stretch
+/// `i * stretch .. (i + 1) * stretch` they meet.
+fn flagged_by_stretch(keys: &[u64], start: usize, stretch: usize) -> Vec<(usize, u64)> {
+    let mut counts = Vec::new();
+    let (mut at, mut rest) = (start, keys);
+    while !rest.is_empty() {
+        let (head, tail) = rest.split_at((stretch - at % stretch).min(rest.len()));
+        counts.push((at / stretch, head.iter().map(|&k| k & 1).sum()));
+        at += head.len();
+        rest = tail;
+    }
+    counts
 }
 
 /// One bucket of [`partition`]: its number of keys, and the range `lo .. lo + 2^bits`
@@ -414,7 +435,12 @@ mod tests {
             (s >> 40) % 70_000 + ((s >> 20) & 1) * 0x3f80_0000
         });
         let spread = lcg_keys(150_000, 777, |s| s >> 32);
-        for keys in [narrow, spread] {
+        // High words over 2^26 values: buckets of a few bins, sorted in an odd number of
+        // passes, so their results stay in the working buffer.
+        let dense = lcg_keys(150_000, 4242, |s| (s >> 38) + 0x3f00_0000);
+        // Runs left in the result buffer and in the working buffer.
+        let mut runs_in = [0; 2];
+        for keys in [narrow, spread, dense] {
             let mut radix = keys.clone();
             sort_by_high_word(&mut radix, &mut Vec::new());
             let mut reference = keys.clone();
@@ -436,11 +462,29 @@ mod tests {
                     }
                     let hists: Vec<Vec<u32>> = keys.chunks(piece).map(bin_histogram).collect();
                     let mut out = vec![7u64; 3];
-                    pool.install(|| par_sort_pieces(&mut buffer, stride, &lens, &hists, &mut out));
-                    assert_eq!(out, reference, "{threads} threads, pieces of {piece}");
+                    let stretch = 1 << 14;
+                    let sorted = pool.install(|| {
+                        par_sort_pieces(&mut buffer, stride, &lens, &hists, &mut out, stretch)
+                    });
+                    assert_eq!((out.len(), buffer.len()), (keys.len(), keys.len()));
+                    let mut joined = Vec::new();
+                    for &(len, in_spare) in &sorted.runs {
+                        runs_in[usize::from(in_spare)] += 1;
+                        let from = if in_spare { &buffer } else { &out };
+                        joined.extend_from_slice(&from[joined.len()..][..len]);
+                    }
+                    assert_eq!(joined, reference, "{threads} threads, pieces of {piece}");
+                    let flagged: Vec<u64> = (reference.chunks(stretch))
+                        .map(|c| c.iter().map(|&k| k & 1).sum())
+                        .collect();
+                    assert_eq!(sorted.flagged, flagged);
                 }
             }
         }
+        assert!(
+            runs_in[0] > 0 && runs_in[1] > 0,
+            "runs per buffer: {runs_in:?}"
+        );
     }
 
     #[test]

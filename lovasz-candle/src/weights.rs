@@ -18,6 +18,9 @@
 //! With fewer jobs than threads, each job is itself split: its keys are built in pieces,
 //! sorted by a parallel partition ([`crate::radix::par_sort_pieces`]) and walked in
 //! pieces that resume from the counts before them, with the same results bit for bit.
+//! The sort counts each piece's foreground keys while its buckets are in cache, and
+//! leaves each bucket in whichever of its two buffers its passes ended in: the walk reads
+//! both, so no pass over the whole job is spent on either.
 
 use std::ops::Range;
 
@@ -116,15 +119,16 @@ pub(crate) trait Real: candle::WithDType + PartialOrd + crate::buffer::ZeroBits 
     fn piece_summary(piece: &[Self::Packed]) -> Vec<u32>;
     /// Sorts, on all rayon threads, the keys of the pieces of `pieces`: piece `i` is the
     /// first `lens[i]` keys of its stretch `i * stride ..` of the buffer, summed up in
-    /// `summaries[i]` by [`Real::piece_summary`]. The result goes to `out`; `pieces` is
-    /// then working memory (the two may be swapped).
+    /// `summaries[i]` by [`Real::piece_summary`]. The sorted keys are left in `out` and
+    /// `pieces` as the returned runs say, with the foreground keys per [`PIECE`] sorted
+    /// positions.
     fn par_sort(
         pieces: &mut Vec<Self::Packed>,
         stride: usize,
         lens: &[usize],
         summaries: &[Vec<u32>],
         out: &mut Vec<Self::Packed>,
-    );
+    ) -> crate::radix::Sorted;
 }
 
 /// The low word of a packed key: index, slope bit, foreground bit.
@@ -203,8 +207,8 @@ impl Real for f32 {
         lens: &[usize],
         summaries: &[Vec<u32>],
         out: &mut Vec<u64>,
-    ) {
-        crate::radix::par_sort_pieces(pieces, stride, lens, summaries, out);
+    ) -> crate::radix::Sorted {
+        crate::radix::par_sort_pieces(pieces, stride, lens, summaries, out, PIECE)
     }
 }
 
@@ -246,13 +250,19 @@ impl Real for f64 {
         lens: &[usize],
         _summaries: &[Vec<u32>],
         out: &mut Vec<u128>,
-    ) {
+    ) -> crate::radix::Sorted {
         out.clear();
         out.reserve(lens.iter().sum());
         for (piece, &len) in pieces.chunks(stride).zip(lens) {
             out.extend_from_slice(&piece[..len]);
         }
         out.par_sort_unstable();
+        crate::radix::Sorted {
+            runs: vec![(out.len(), false)],
+            flagged: (out.par_chunks(PIECE))
+                .map(|c| c.iter().filter(|&&k| f64::unpack(k).2).count() as u64)
+                .collect(),
+        }
     }
 }
 
@@ -517,6 +527,9 @@ fn run_job<T: Real>(
     let s_n = p.spatial;
     let n = images.len() * s_n;
     let keys = &mut ws.keys;
+    // The sorted keys' runs in `keys` or `ws.scratch`, and, when the walk is split over
+    // threads, the foreground keys per piece.
+    let (runs, fg_per_piece);
     let build = |pixels: Range<usize>, out: &mut [T::Packed]| {
         build_keys(p, images.start, pixels, job.class, job.channel, out)
     };
@@ -538,57 +551,95 @@ fn run_job<T: Real>(
             .into_iter()
             .map(|(len, _, summary)| (len, summary))
             .unzip();
-        T::par_sort(pieces, PIECE, &lens, &summaries, keys);
+        let sorted = T::par_sort(pieces, PIECE, &lens, &summaries, keys);
+        runs = sorted.runs;
+        fg_per_piece = Some(sorted.flagged);
         nan
     } else {
         crate::buffer::working(keys, n);
         let (len, nan) = build(0..n, keys);
         keys.truncate(len);
         T::sort(keys, &mut ws.scratch);
+        runs = vec![(keys.len(), false)];
+        fg_per_piece = None;
         nan
     };
     if keys.is_empty() {
         return (JobSums::default(), nan);
     }
+    let keys = SortedKeys {
+        main: &ws.keys,
+        spare: &ws.scratch,
+        runs: &runs,
+    };
     // Everything the outputs need is in the keys, so one walk writes them, in place.
     let shift = index_shift(s_n);
     // A class among many (or a background among many foregrounds) gives predictable
     // branches; a binary loss gives a ground truth close to random in sorted order.
     let (n, gts) = (keys.len() as u64, job.gts);
     let mixed = gts.min(n.saturating_sub(gts)) * 8 > n;
+    let fg = fg_per_piece.as_deref().filter(|_| keys.len() >= 2 * PIECE);
     let sums = if mixed {
-        walk_job::<T, true>(p, keys, outs, shift, job, parallel)
+        walk_job::<T, true>(p, &keys, outs, shift, job, fg)
     } else {
-        walk_job::<T, false>(p, keys, outs, shift, job, parallel)
+        walk_job::<T, false>(p, &keys, outs, shift, job, fg)
     };
     (sums, nan)
 }
 
-/// The walk of one job's sorted keys, with the outputs of its problem (`MIXED`: see
-/// [`walk`]).
+/// A job's sorted keys: consecutive runs `(length, in spare)` of the sorted sequence,
+/// each in `main` or at the same positions in `spare` (where a parallel sort left it).
+struct SortedKeys<'a, P> {
+    main: &'a [P],
+    spare: &'a [P],
+    runs: &'a [(usize, bool)],
+}
+
+impl<'a, P> SortedKeys<'a, P> {
+    fn len(&self) -> usize {
+        self.runs.iter().map(|r| r.0).sum()
+    }
+
+    /// The keys at sorted positions `range`, in order, as slices of the two buffers.
+    fn slices(&self, range: Range<usize>) -> Vec<&'a [P]> {
+        let mut slices = Vec::new();
+        let mut start = 0;
+        for &(len, in_spare) in self.runs {
+            let (lo, hi) = (start.max(range.start), (start + len).min(range.end));
+            if lo < hi {
+                slices.push(&(if in_spare { self.spare } else { self.main })[lo..hi]);
+            }
+            start += len;
+        }
+        slices
+    }
+}
+
+/// The walk of one job's sorted keys, with the outputs of its problem (`MIXED` and
+/// `fg_per_piece`: see [`walk`]).
 fn walk_job<T: Real, const MIXED: bool>(
     p: &Problem<T>,
-    keys: &[T::Packed],
+    keys: &SortedKeys<T::Packed>,
     outs: &mut [&mut [T]],
     shift: u32,
     job: &Job,
-    parallel: bool,
+    fg_per_piece: Option<&[u64]>,
 ) -> JobSums {
     let (gts, scale) = (job.gts, job.scale);
     match (p.output, p.kind) {
         (Output::Weights, _) => {
-            walk::<T, _, MIXED>(keys, outs, shift, gts, scale, parallel, |w, _| {
+            walk::<T, _, MIXED>(keys, outs, shift, gts, scale, fg_per_piece, |w, _| {
                 (w, 0.0, 0.0)
             })
         }
         (Output::Linear, ErrorKind::Abs) => {
-            walk::<T, _, MIXED>(keys, outs, shift, gts, scale, parallel, |w, key| {
+            walk::<T, _, MIXED>(keys, outs, shift, gts, scale, fg_per_piece, |w, key| {
                 let (_, slope, fg) = T::unpack(key);
                 ErrorKind::Abs.linear::<MIXED>(w, T::error(key).to_f64(), slope, fg)
             })
         }
         (Output::Linear, ErrorKind::Hinge) => {
-            walk::<T, _, MIXED>(keys, outs, shift, gts, scale, parallel, |w, key| {
+            walk::<T, _, MIXED>(keys, outs, shift, gts, scale, fg_per_piece, |w, key| {
                 let (_, slope, fg) = T::unpack(key);
                 ErrorKind::Hinge.linear::<MIXED>(w, T::error(key).to_f64(), slope, fg)
             })
@@ -690,27 +741,26 @@ fn push_keys<T: Real>(
 
 /// Walks the sorted keys once, writing each pixel's value into its image's row of `rows`
 /// (pixel index `image << shift | pixel`): `out` maps (Jaccard weight times `scale`, key)
-/// to (value, share of K, share of the loss). With `parallel`, pieces of the keys are
-/// walked on all threads, each starting from the foreground and background counts before
-/// it. With `MIXED` (foreground and background both common), the steps are
-/// [`JaccardWalk::step_blended`], else [`JaccardWalk::step`].
+/// to (value, share of K, share of the loss). With `fg_per_piece` (the foreground keys in
+/// each [`PIECE`] of sorted positions), the pieces are walked on all threads, each
+/// starting from the foreground and background counts before it. With `MIXED`
+/// (foreground and background both common), the steps are [`JaccardWalk::step_blended`],
+/// else [`JaccardWalk::step`].
 fn walk<T: Real, F, const MIXED: bool>(
-    keys: &[T::Packed],
+    keys: &SortedKeys<T::Packed>,
     rows: &mut [&mut [T]],
     shift: u32,
     gts: u64,
     scale: f64,
-    parallel: bool,
+    fg_per_piece: Option<&[u64]>,
     out: F,
 ) -> JobSums
 where
     F: Fn(f64, T::Packed) -> (f64, f64, f64) + Sync,
 {
-    let sums: Vec<JobSums> = if parallel && keys.len() >= 2 * PIECE {
-        let fg: Vec<u64> = keys
-            .par_chunks(PIECE)
-            .map(|c| c.iter().filter(|&&k| T::unpack(k).2).count() as u64)
-            .collect();
+    let n = keys.len();
+    let piece = |i: usize| keys.slices(i * PIECE..n.min((i + 1) * PIECE));
+    let sums: Vec<JobSums> = if let Some(fg) = fg_per_piece {
         let mut starts = Vec::with_capacity(fg.len());
         let mut fg_before = 0;
         for (i, f) in fg.iter().enumerate() {
@@ -722,23 +772,24 @@ where
             fg_before += f;
         }
         let rows = RowWrites::new(rows, shift);
-        keys.par_chunks(PIECE)
-            .zip(starts)
-            .map(|(piece, mut jw)| {
+        starts
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, mut jw)| {
                 // SAFETY: keys are built one per pixel, so every index is written once, by
                 // the one thread that walks its key.
                 let write = |i, v| unsafe { rows.write(i, v) };
-                walk_piece::<T, MIXED>(piece, &mut jw, scale, &out, write)
+                walk_piece::<T, MIXED>(&piece(i), &mut jw, scale, &out, write)
             })
             .collect()
     } else {
         let mask = (1usize << shift) - 1;
         let mut jw = JaccardWalk::new(gts);
-        keys.chunks(PIECE)
-            .map(|piece| {
+        (0..n.div_ceil(PIECE))
+            .map(|i| {
                 let rows = &mut *rows;
                 let write = move |i: usize, v| rows[i >> shift][i & mask] = v;
-                walk_piece::<T, MIXED>(piece, &mut jw, scale, &out, write)
+                walk_piece::<T, MIXED>(&piece(i), &mut jw, scale, &out, write)
             })
             .collect()
     };
@@ -748,11 +799,12 @@ where
     })
 }
 
-/// One piece of [`walk`]: advances `jw` over `keys` (by [`JaccardWalk::step_blended`] if
-/// `MIXED`, else [`JaccardWalk::step`]), hands each value to `write`.
+/// One piece of [`walk`]: advances `jw` over the keys of `slices`, in order (by
+/// [`JaccardWalk::step_blended`] if `MIXED`, else [`JaccardWalk::step`]), hands each
+/// value to `write`.
 #[inline(always)]
 fn walk_piece<T: Real, const MIXED: bool>(
-    keys: &[T::Packed],
+    slices: &[&[T::Packed]],
     jw: &mut JaccardWalk,
     scale: f64,
     out: &impl Fn(f64, T::Packed) -> (f64, f64, f64),
@@ -762,17 +814,19 @@ fn walk_piece<T: Real, const MIXED: bool>(
     // stored to memory and reloaded at every step.
     let (mut offset, mut loss) = (0.0, 0.0);
     let mut walk = jw.clone();
-    for &key in keys {
-        let (idx, _, fg) = T::unpack(key);
-        let weight = if MIXED {
-            walk.step_blended(fg)
-        } else {
-            walk.step(fg)
-        };
-        let (value, k, l) = out(weight * scale, key);
-        write(idx, T::from_f64(value));
-        offset += k;
-        loss += l;
+    for &slice in slices {
+        for &key in slice {
+            let (idx, _, fg) = T::unpack(key);
+            let weight = if MIXED {
+                walk.step_blended(fg)
+            } else {
+                walk.step(fg)
+            };
+            let (value, k, l) = out(weight * scale, key);
+            write(idx, T::from_f64(value));
+            offset += k;
+            loss += l;
+        }
     }
     *jw = walk;
     JobSums { offset, loss }
