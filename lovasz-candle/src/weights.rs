@@ -782,6 +782,16 @@ where
                 walk_piece::<T, MIXED>(&piece(i), &mut jw, scale, &out, write)
             })
             .collect()
+    } else if let [row] = rows {
+        // One image: its pixel index is the key's whole index.
+        let mut jw = JaccardWalk::new(gts);
+        (0..n.div_ceil(PIECE))
+            .map(|i| {
+                let row = &mut **row;
+                let write = move |i: usize, v| row[i] = v;
+                walk_piece::<T, MIXED>(&piece(i), &mut jw, scale, &out, write)
+            })
+            .collect()
     } else {
         let mask = (1usize << shift) - 1;
         let mut jw = JaccardWalk::new(gts);
