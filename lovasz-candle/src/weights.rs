@@ -104,6 +104,9 @@ pub(crate) trait Real: candle::WithDType + PartialOrd + crate::buffer::ZeroBits 
     fn unpack(p: Self::Packed) -> (usize, bool, bool);
     /// The error a key was made from.
     fn error(p: Self::Packed) -> Self;
+    /// [`Real::error`] for a key whose error has its sign bit clear (an absolute value,
+    /// NaN included): the same bits, with no select on the sign.
+    fn unsigned_error(p: Self::Packed) -> Self;
     fn exp(self) -> Self;
     /// `1` if `b`, else `0`, without a branch.
     fn indicator(b: bool) -> Self;
@@ -195,6 +198,10 @@ impl Real for f32 {
             !ascending
         })
     }
+    #[inline]
+    fn unsigned_error(p: u64) -> f32 {
+        f32::from_bits(!((p >> 32) as u32) & !(1 << 31))
+    }
     fn sort(keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
         crate::radix::sort_by_high_word(keys, scratch);
     }
@@ -237,6 +244,10 @@ impl Real for f64 {
         } else {
             !ascending
         })
+    }
+    #[inline]
+    fn unsigned_error(p: u128) -> f64 {
+        f64::from_bits(!((p >> 64) as u64) & !(1 << 63))
     }
     fn sort(keys: &mut Vec<u128>, _scratch: &mut Vec<u128>) {
         keys.sort_unstable();
@@ -635,7 +646,8 @@ fn walk_job<T: Real, const MIXED: bool>(
         (Output::Linear, ErrorKind::Abs) => {
             walk::<T, _, MIXED>(keys, outs, shift, gts, scale, fg_per_piece, |w, key| {
                 let (_, slope, fg) = T::unpack(key);
-                ErrorKind::Abs.linear::<MIXED>(w, T::error(key).to_f64(), slope, fg)
+                // An absolute difference: its sign bit is clear.
+                ErrorKind::Abs.linear::<MIXED>(w, T::unsigned_error(key).to_f64(), slope, fg)
             })
         }
         (Output::Linear, ErrorKind::Hinge) => {
