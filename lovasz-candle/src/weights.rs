@@ -611,6 +611,17 @@ impl<'a, P> SortedKeys<'a, P> {
         self.runs.iter().map(|r| r.0).sum()
     }
 
+    /// How many [`PIECE`]s of sorted positions the keys fill.
+    fn pieces(&self) -> usize {
+        self.len().div_ceil(PIECE)
+    }
+
+    /// The keys of piece `i` (sorted positions `i * PIECE ..`), in order, as slices of the
+    /// two buffers.
+    fn piece(&self, i: usize) -> Vec<&'a [P]> {
+        self.slices(i * PIECE..self.len().min((i + 1) * PIECE))
+    }
+
     /// The keys at sorted positions `range`, in order, as slices of the two buffers.
     fn slices(&self, range: Range<usize>) -> Vec<&'a [P]> {
         let mut slices = Vec::new();
@@ -770,8 +781,6 @@ fn walk<T: Real, F, const MIXED: bool>(
 where
     F: Fn(f64, T::Packed) -> (f64, f64, f64) + Sync,
 {
-    let n = keys.len();
-    let piece = |i: usize| keys.slices(i * PIECE..n.min((i + 1) * PIECE));
     let sums: Vec<JobSums> = if let Some(fg) = fg_per_piece {
         let mut starts = Vec::with_capacity(fg.len());
         let mut fg_before = 0;
@@ -791,34 +800,37 @@ where
                 // SAFETY: keys are built one per pixel, so every index is written once, by
                 // the one thread that walks its key.
                 let write = |i, v| unsafe { rows.write(i, v) };
-                walk_piece::<T, MIXED>(&piece(i), &mut jw, scale, &out, write)
+                walk_piece::<T, MIXED>(&keys.piece(i), &mut jw, scale, &out, write)
             })
             .collect()
     } else if let [row] = rows {
         // One image: its pixel index is the key's whole index.
-        let mut jw = JaccardWalk::new(gts);
-        (0..n.div_ceil(PIECE))
-            .map(|i| {
-                let row = &mut **row;
-                let write = move |i: usize, v| row[i] = v;
-                walk_piece::<T, MIXED>(&piece(i), &mut jw, scale, &out, write)
-            })
-            .collect()
+        let row = &mut **row;
+        walk_serial::<T, MIXED>(keys, gts, scale, &out, |i, v| row[i] = v)
     } else {
         let mask = (1usize << shift) - 1;
-        let mut jw = JaccardWalk::new(gts);
-        (0..n.div_ceil(PIECE))
-            .map(|i| {
-                let rows = &mut *rows;
-                let write = move |i: usize, v| rows[i >> shift][i & mask] = v;
-                walk_piece::<T, MIXED>(&piece(i), &mut jw, scale, &out, write)
-            })
-            .collect()
+        walk_serial::<T, MIXED>(keys, gts, scale, &out, |i, v| {
+            rows[i >> shift][i & mask] = v
+        })
     };
     sums.into_iter().fold(JobSums::default(), |a, b| JobSums {
         offset: a.offset + b.offset,
         loss: a.loss + b.loss,
     })
+}
+
+/// [`walk`] on the calling thread: its pieces in order, one walk state throughout.
+fn walk_serial<T: Real, const MIXED: bool>(
+    keys: &SortedKeys<T::Packed>,
+    gts: u64,
+    scale: f64,
+    out: &impl Fn(f64, T::Packed) -> (f64, f64, f64),
+    mut write: impl FnMut(usize, T),
+) -> Vec<JobSums> {
+    let mut jw = JaccardWalk::new(gts);
+    (0..keys.pieces())
+        .map(|i| walk_piece::<T, MIXED>(&keys.piece(i), &mut jw, scale, out, &mut write))
+        .collect()
 }
 
 /// One piece of [`walk`]: advances `jw` over the keys of `slices`, in order (by
