@@ -735,31 +735,29 @@ fn push_keys<T: Real>(
 ) -> (usize, bool) {
     let out = &mut out[..x.len()];
     // An error is NaN exactly when its input is: the NaN scan of the input rides along.
-    let mut nan = false;
-    if drop_nonpositive || labels.contains(&VOID) {
-        // Every key is written and the end moves past it only if it is kept: no branch
-        // on void labels or on the sign of the error.
-        let mut end = 0;
-        for (i, (&x, &l)) in x.iter().zip(labels).enumerate() {
-            let fg = l == class;
-            let (err, slope) = error(x, fg);
-            out[end] = T::pack(err, base + i as u32, slope, fg);
-            nan |= err.is_nan();
-            // `err <= 0` is false for NaN: a NaN error reaches the walk like any other.
-            let dropped = drop_nonpositive & (err <= T::zero());
-            end += usize::from((l != VOID) & !dropped);
-        }
-        (end, nan)
-    } else {
-        // No void pixel: a plain map the compiler can keep branch-free.
-        for (o, (i, (&x, &l))) in out.iter_mut().zip(x.iter().zip(labels).enumerate()) {
-            let fg = l == class;
-            let (err, slope) = error(x, fg);
-            *o = T::pack(err, base + i as u32, slope, fg);
-            nan |= err.is_nan();
-        }
-        (x.len(), nan)
+    // A plain map the compiler can keep branch-free, counting the keys to drop.
+    let (mut nan, mut dropped) = (false, 0usize);
+    for (o, (i, (&x, &l))) in out.iter_mut().zip(x.iter().zip(labels).enumerate()) {
+        let fg = l == class;
+        let (err, slope) = error(x, fg);
+        *o = T::pack(err, base + i as u32, slope, fg);
+        nan |= err.is_nan();
+        // `err <= 0` is false for NaN: a NaN error reaches the walk like any other.
+        dropped += usize::from((l == VOID) | (drop_nonpositive & (err <= T::zero())));
     }
+    if dropped == 0 {
+        return (x.len(), nan);
+    }
+    // Then the kept keys move to the front, in order: every key is copied and the end
+    // moves past it only if it is kept, with no branch on the labels or the errors.
+    let mut end = 0;
+    for i in 0..out.len() {
+        let (key, l) = (out[i], labels[i]);
+        let (err, _) = error(x[i], l == class);
+        out[end] = key;
+        end += usize::from((l != VOID) & !(drop_nonpositive & (err <= T::zero())));
+    }
+    (end, nan)
 }
 
 /// Walks the sorted keys once, writing each pixel's value into its image's row of `rows`
