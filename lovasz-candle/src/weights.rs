@@ -461,10 +461,27 @@ pub(crate) fn solve<T: Real>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T
 /// counted), on all threads.
 fn count_labels(labels: &[u32], n_values: usize) -> Vec<u64> {
     let count = |chunk: &[u32]| {
-        let mut counts = vec![0u64; n_values];
-        for &l in chunk {
-            if let Some(c) = counts.get_mut(l as usize) {
+        // Four tallies taken in turn: a run of equal labels (most of a segmentation map)
+        // would otherwise wait on each increment of one counter before the next.
+        let mut tallies = vec![vec![0u64; n_values]; 4];
+        let quads = chunk.chunks_exact(4);
+        let rest = quads.remainder();
+        for quad in quads {
+            for (tally, &l) in tallies.iter_mut().zip(quad) {
+                if let Some(c) = tally.get_mut(l as usize) {
+                    *c += 1;
+                }
+            }
+        }
+        for &l in rest {
+            if let Some(c) = tallies[0].get_mut(l as usize) {
                 *c += 1;
+            }
+        }
+        let mut counts = vec![0u64; n_values];
+        for tally in &tallies {
+            for (c, t) in counts.iter_mut().zip(tally) {
+                *c += t;
             }
         }
         counts
