@@ -930,6 +930,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn label_counts_match_a_plain_count() {
+        let mut state = 7u32;
+        for n in [0, 1, 3, 4, 5, 70_001] {
+            let labels: Vec<u32> = (0..n)
+                .map(|i| {
+                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    // Runs of equal labels, values past the counted ones, and void.
+                    match (state >> 28, i % 9 < 5) {
+                        (0, _) => VOID,
+                        (1, _) => 6,
+                        (_, true) => 2,
+                        (v, false) => v % 4,
+                    }
+                })
+                .collect();
+            let plain: Vec<u64> = (0..4)
+                .map(|c| labels.iter().filter(|&&l| l == c).count() as u64)
+                .collect();
+            assert_eq!(count_labels(&labels, 4), plain, "{n} labels");
+        }
+    }
+
+    #[test]
     fn blended_coefficients_match_branched_ones() {
         for kind in [ErrorKind::Abs, ErrorKind::Hinge] {
             for (w, err) in [
