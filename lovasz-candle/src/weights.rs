@@ -171,37 +171,49 @@ macro_rules! float_bit_ops {
     };
 }
 
+/// The key methods of [`Real`] for a float whose bits are `$bits`, packed with the low word
+/// into `$packed` (twice as wide): the error's bits in the high half, the low word of
+/// [`low_word`] in the bottom 32 bits.
+macro_rules! packed_key_ops {
+    ($t:ty, $bits:ty, $packed:ty) => {
+        #[inline]
+        fn pack(err: $t, index: u32, slope: bool, fg: bool) -> $packed {
+            const TOP: u32 = <$bits>::BITS - 1;
+            let bits = err.to_bits();
+            // Total order of IEEE floats as unsigned integers, then reversed.
+            let ascending = if bits >> TOP == 1 {
+                !bits
+            } else {
+                bits | 1 << TOP
+            };
+            (<$packed>::from(!ascending) << <$bits>::BITS)
+                | <$packed>::from(low_word(index, slope, fg))
+        }
+        #[inline]
+        fn unpack(p: $packed) -> (usize, bool, bool) {
+            split_low_word(p as u32)
+        }
+        #[inline]
+        fn error(p: $packed) -> $t {
+            const TOP: u32 = <$bits>::BITS - 1;
+            let ascending = !((p >> <$bits>::BITS) as $bits);
+            <$t>::from_bits(if ascending >> TOP == 1 {
+                ascending & !(1 << TOP)
+            } else {
+                !ascending
+            })
+        }
+        #[inline]
+        fn unsigned_error(p: $packed) -> $t {
+            <$t>::from_bits(!((p >> <$bits>::BITS) as $bits) & !(1 << (<$bits>::BITS - 1)))
+        }
+    };
+}
+
 impl Real for f32 {
     type Packed = u64;
     float_bit_ops!(f32, u32, 0x3f80_0000);
-    #[inline]
-    fn pack(err: f32, index: u32, slope: bool, fg: bool) -> u64 {
-        let bits = err.to_bits();
-        // Total order of IEEE floats as unsigned integers, then reversed.
-        let ascending = if bits >> 31 == 1 {
-            !bits
-        } else {
-            bits | 1 << 31
-        };
-        (u64::from(!ascending) << 32) | u64::from(low_word(index, slope, fg))
-    }
-    #[inline]
-    fn unpack(p: u64) -> (usize, bool, bool) {
-        split_low_word(p as u32)
-    }
-    #[inline]
-    fn error(p: u64) -> f32 {
-        let ascending = !((p >> 32) as u32);
-        f32::from_bits(if ascending >> 31 == 1 {
-            ascending & !(1 << 31)
-        } else {
-            !ascending
-        })
-    }
-    #[inline]
-    fn unsigned_error(p: u64) -> f32 {
-        f32::from_bits(!((p >> 32) as u32) & !(1 << 31))
-    }
+    packed_key_ops!(f32, u32, u64);
     fn sort(keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
         crate::radix::sort_by_high_word(keys, scratch);
     }
@@ -222,33 +234,7 @@ impl Real for f32 {
 impl Real for f64 {
     type Packed = u128;
     float_bit_ops!(f64, u64, 0x3ff0_0000_0000_0000);
-    #[inline]
-    fn pack(err: f64, index: u32, slope: bool, fg: bool) -> u128 {
-        let bits = err.to_bits();
-        let ascending = if bits >> 63 == 1 {
-            !bits
-        } else {
-            bits | 1 << 63
-        };
-        (u128::from(!ascending) << 64) | u128::from(low_word(index, slope, fg))
-    }
-    #[inline]
-    fn unpack(p: u128) -> (usize, bool, bool) {
-        split_low_word(p as u32)
-    }
-    #[inline]
-    fn error(p: u128) -> f64 {
-        let ascending = !((p >> 64) as u64);
-        f64::from_bits(if ascending >> 63 == 1 {
-            ascending & !(1 << 63)
-        } else {
-            !ascending
-        })
-    }
-    #[inline]
-    fn unsigned_error(p: u128) -> f64 {
-        f64::from_bits(!((p >> 64) as u64) & !(1 << 63))
-    }
+    packed_key_ops!(f64, u64, u128);
     fn sort(keys: &mut Vec<u128>, _scratch: &mut Vec<u128>) {
         keys.sort_unstable();
     }
