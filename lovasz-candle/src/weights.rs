@@ -552,31 +552,48 @@ fn run_job<T: Real>(
         // the sort then uses as its working memory.
         let pieces = &mut ws.scratch;
         crate::buffer::working(pieces, n);
-        let built: Vec<(usize, bool, Vec<u32>)> = pieces
+        let built: Vec<(Built<T>, Vec<u32>)> = pieces
             .par_chunks_mut(PIECE)
             .enumerate()
             .map(|(i, out)| {
-                let (len, nan) = build(i * PIECE..n.min((i + 1) * PIECE), out);
-                (len, nan, T::piece_summary(&out[..len]))
+                let b = build(i * PIECE..n.min((i + 1) * PIECE), out);
+                (b, T::piece_summary(&out[..b.len]))
             })
             .collect();
-        let nan = built.iter().any(|b| b.1);
-        let (lens, summaries): (Vec<usize>, Vec<Vec<u32>>) = built
-            .into_iter()
-            .map(|(len, _, summary)| (len, summary))
-            .unzip();
+        let all = (built.iter().map(|b| b.0)).reduce(Built::then);
+        let nan = all.is_some_and(|a| a.nan);
+        let (lens, summaries): (Vec<usize>, Vec<Vec<u32>>) = match all {
+            // Pruned pieces are summed up again (a pass that only pruning pays for).
+            Some(all) if worth_pruning(p, images.clone(), job, &all) => pieces
+                .par_chunks_mut(PIECE)
+                .zip(&built)
+                .map(|(out, (b, _))| {
+                    let len = prune_zero_weight(&mut out[..b.len], all.min_fg);
+                    (len, T::piece_summary(&out[..len]))
+                })
+                .unzip(),
+            _ => built
+                .into_iter()
+                .map(|(b, summary)| (b.len, summary))
+                .unzip(),
+        };
         let sorted = T::par_sort(pieces, PIECE, &lens, &summaries, keys);
         runs = sorted.runs;
         fg_per_piece = Some(sorted.flagged);
         nan
     } else {
         crate::buffer::working(keys, n);
-        let (len, nan) = build(0..n, keys);
+        let b = build(0..n, keys);
+        let len = if worth_pruning(p, images.clone(), job, &b) {
+            prune_zero_weight(&mut keys[..b.len], b.min_fg)
+        } else {
+            b.len
+        };
         keys.truncate(len);
         T::sort(keys, &mut ws.scratch);
         runs = vec![(keys.len(), false)];
         fg_per_piece = None;
-        nan
+        b.nan
     };
     if keys.is_empty() {
         return (JobSums::default(), nan);
@@ -690,14 +707,18 @@ fn build_keys<T: Real>(
     class: u32,
     channel: usize,
     out: &mut [T::Packed],
-) -> (usize, bool) {
+) -> Built<T> {
     let s_n = p.spatial;
     // A hinge error <= 0 has relu weight 0 and sorts after every positive one, so it
     // changes no other pixel's rank: in linear mode such pixels are left out (their
     // coefficient stays 0). The weights `W` need every pixel.
     let drop_nonpositive = p.kind == ErrorKind::Hinge && p.output == Output::Linear;
     let mut at = pixels.start;
-    let (mut kept, mut nan) = (0, false);
+    let mut all = Built {
+        len: 0,
+        nan: false,
+        min_fg: T::from_f64(f64::INFINITY),
+    };
     while at < pixels.end {
         let (li, i0) = (at / s_n, at % s_n);
         let i1 = s_n.min(i0 + pixels.end - at);
@@ -705,8 +726,8 @@ fn build_keys<T: Real>(
         let x = &p.data[(b * p.channels + channel) * s_n..][i0..i1];
         let labels = &p.labels[b * s_n..][i0..i1];
         let base = (li << index_shift(s_n) | i0) as u32;
-        let out = &mut out[kept..];
-        let (k, n) = match p.kind {
+        let out = &mut out[all.len..];
+        let row = match p.kind {
             ErrorKind::Abs => push_keys(out, x, labels, class, base, false, |x, fg| {
                 ErrorKind::Abs.error(x, fg)
             }),
@@ -716,11 +737,10 @@ fn build_keys<T: Real>(
                 })
             }
         };
-        kept += k;
-        nan |= n;
+        all = all.then(row);
         at += i1 - i0;
     }
-    (kept, nan)
+    all
 }
 
 /// Appends the packed keys of one image's row `x` (labels `labels`, pixel indices from
@@ -735,21 +755,31 @@ fn push_keys<T: Real>(
     base: u32,
     drop_nonpositive: bool,
     error: impl Fn(T, bool) -> (T, bool),
-) -> (usize, bool) {
+) -> Built<T> {
     let out = &mut out[..x.len()];
-    // An error is NaN exactly when its input is: the NaN scan of the input rides along.
-    // A plain map the compiler can keep branch-free, counting the keys to drop.
+    // An error is NaN exactly when its input is: the NaN scan of the input rides along,
+    // and so does the smallest foreground error. A plain map the compiler can keep
+    // branch-free, counting the keys to drop.
     let (mut nan, mut dropped) = (false, 0usize);
+    let none = T::from_f64(f64::INFINITY);
+    let mut min_fg = none;
     for (o, (i, (&x, &l))) in out.iter_mut().zip(x.iter().zip(labels).enumerate()) {
         let fg = l == class;
         let (err, slope) = error(x, fg);
         *o = T::pack(err, base + i as u32, slope, fg);
         nan |= err.is_nan();
+        let candidate = if fg { err } else { none };
+        min_fg = if candidate < min_fg {
+            candidate
+        } else {
+            min_fg
+        };
         // `err <= 0` is false for NaN: a NaN error reaches the walk like any other.
         dropped += usize::from((l == VOID) | (drop_nonpositive & (err <= T::zero())));
     }
+    let built = |len| Built { len, nan, min_fg };
     if dropped == 0 {
-        return (x.len(), nan);
+        return built(x.len());
     }
     // Then the kept keys move to the front, in order: every key is copied and the end
     // moves past it only if it is kept, with no branch on the labels or the errors.
@@ -760,7 +790,82 @@ fn push_keys<T: Real>(
         out[end] = key;
         end += usize::from((l != VOID) & !(drop_nonpositive & (err <= T::zero())));
     }
-    (end, nan)
+    built(end)
+}
+
+/// What building a run of keys found: how many keys were kept, whether an input value
+/// read was NaN, and the smallest error of a foreground pixel (void pixels left out;
+/// infinity if none; NaN errors not counted).
+#[derive(Clone, Copy)]
+struct Built<T> {
+    len: usize,
+    nan: bool,
+    min_fg: T,
+}
+
+impl<T: Real> Built<T> {
+    /// The two summaries of consecutive runs as one.
+    fn then(self, next: Built<T>) -> Built<T> {
+        Built {
+            len: self.len + next.len,
+            nan: self.nan | next.nan,
+            min_fg: if next.min_fg < self.min_fg {
+                next.min_fg
+            } else {
+                self.min_fg
+            },
+        }
+    }
+}
+
+/// Leaves out, in place and in order, the background keys whose error is below
+/// `min_fg` (every foreground error of the group): they sort after the last foreground
+/// pixel, where the Jaccard loss no longer changes, so their weight is exactly 0 (Berman
+/// et al., Alg. 1); their outputs stay 0 and they add nothing to the sums. Returns how
+/// many keys are kept.
+fn prune_zero_weight<T: Real>(keys: &mut [T::Packed], min_fg: T) -> usize {
+    let mut end = 0;
+    for i in 0..keys.len() {
+        let key = keys[i];
+        let (_, _, fg) = T::unpack(key);
+        keys[end] = key;
+        let below = T::error(key) < min_fg;
+        end += usize::from(fg | !below);
+    }
+    end
+}
+
+/// Keys in the sample that decides [`worth_pruning`].
+const PRUNE_SAMPLE: usize = 1024;
+
+/// Whether a job's zero-weight background keys (see [`prune_zero_weight`]) are worth a
+/// pass over its keys: when at least an eighth of an evenly spaced sample of its pixels
+/// would go. The sample is of the input, so the choice does not depend on how the keys
+/// were built (in one run or in pieces). Never when a NaN was read or the group has no
+/// foreground pixel (then the first pixel takes all the weight).
+fn worth_pruning<T: Real>(p: &Problem<T>, images: Range<usize>, job: &Job, b: &Built<T>) -> bool {
+    if b.nan || job.gts == 0 {
+        return false;
+    }
+    let s_n = p.spatial;
+    let n = images.len() * s_n;
+    let drop_nonpositive = p.kind == ErrorKind::Hinge && p.output == Output::Linear;
+    let (mut seen, mut below) = (0usize, 0usize);
+    for i in (0..n).step_by((n / PRUNE_SAMPLE).max(1)) {
+        let (image, pixel) = (images.start + i / s_n, i % s_n);
+        let l = p.labels[image * s_n + pixel];
+        if l == VOID {
+            continue;
+        }
+        let fg = l == job.class;
+        let (err, _) = p
+            .kind
+            .error(p.data[(image * p.channels + job.channel) * s_n + pixel], fg);
+        seen += 1;
+        let dropped = drop_nonpositive && err <= T::zero();
+        below += usize::from(!fg && !dropped && err < b.min_fg);
+    }
+    below * 8 >= seen.max(1)
 }
 
 /// Walks the sorted keys once, writing each pixel's value into its image's row of `rows`
@@ -914,6 +1019,99 @@ impl<'a, T> RowWrites<'a, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-image problem whose class 0 has all its foreground errors in (0.4, 1], so
+    /// about 40 % of its background pixels have smaller errors and weight 0; with void
+    /// pixels and two other classes.
+    fn separable(s_n: usize) -> (Vec<f32>, Vec<u32>) {
+        let mut state = 11u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let labels: Vec<u32> = (0..s_n)
+            .map(|i| match (i % 13, i % 7) {
+                (5, _) => VOID,
+                (_, 0) => 0,
+                _ => 1 + (i % 2) as u32,
+            })
+            .collect();
+        let mut data = vec![0f32; 3 * s_n];
+        for (i, &l) in labels.iter().enumerate() {
+            data[i] = if l == 0 { 0.6 * next() } else { next() };
+            data[s_n + i] = next();
+            data[2 * s_n + i] = next();
+        }
+        (data, labels)
+    }
+
+    #[test]
+    fn pruned_background_keys_change_nothing() {
+        let s_n = 5000;
+        let (data, labels) = separable(s_n);
+        let p = Problem {
+            data: &data,
+            labels: &labels,
+            batch: 1,
+            channels: 3,
+            spatial: s_n,
+            per_image: true,
+            kind: ErrorKind::Abs,
+            output: Output::Linear,
+            group_scale: 1.0,
+        };
+        let gts = labels.iter().filter(|&&l| l == 0).count() as u64;
+        let job = Job {
+            group: 0,
+            class: 0,
+            channel: 0,
+            gts,
+            scale: 1.0,
+        };
+        // The kernel does leave keys out here.
+        let mut keys = vec![0u64; s_n];
+        let built = build_keys(&p, 0, 0..s_n, 0, 0, &mut keys);
+        assert!(worth_pruning(&p, 0..1, &job, &built));
+        let kept = prune_zero_weight::<f32>(&mut keys[..built.len], built.min_fg);
+        assert!(kept < built.len * 3 / 4, "{kept} of {} kept", built.len);
+
+        let sel = Selection {
+            entries: vec![ClassEntry {
+                class: 0,
+                channel: 0,
+                weight: 1.0,
+            }],
+            only_present: false,
+        };
+        let solved = solve(&p, &sel).unwrap();
+        // Independently: every valid pixel, sorted by decreasing error (ties by index),
+        // walked in full.
+        let mut pixels: Vec<(f32, usize, bool, bool)> = (0..s_n)
+            .filter(|&i| labels[i] != VOID)
+            .map(|i| {
+                let fg = labels[i] == 0;
+                let (err, slope) = ErrorKind::Abs.error(data[i], fg);
+                (err, i, slope, fg)
+            })
+            .collect();
+        pixels.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut walk = JaccardWalk::new(gts);
+        let (mut want, mut loss) = (vec![0f32; s_n], 0.0);
+        for &(err, i, slope, fg) in &pixels {
+            let w = walk.step(fg);
+            let (a, _, l) = ErrorKind::Abs.linear::<false>(w, f64::from(err), slope, fg);
+            want[i] = a as f32;
+            loss += l;
+        }
+        for (i, (got, want)) in solved.values[..s_n].iter().zip(&want).enumerate() {
+            // A weight-0 pixel may keep +0.0 where the full walk writes -0.0.
+            assert!(got == want, "pixel {i}: {got} vs {want}");
+        }
+        let got = solved.losses[0];
+        assert!((got - loss).abs() <= 1e-12 * loss, "{got} vs {loss}");
+    }
 
     #[test]
     fn label_counts_match_a_plain_count() {

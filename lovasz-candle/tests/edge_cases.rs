@@ -653,6 +653,7 @@ fn one_job_split_over_threads_gives_the_serial_result_bit_for_bit() -> Result<()
                 let x = x.to_dtype(dtype)?;
                 let p = candle_nn::ops::sigmoid(&x)?;
                 let (hv, hg) = value_and_grad(&x, |t| lovasz_hinge(t, &l, &hinge))?;
+                // The values are f32: the kernel's f64 sums rounded once.
                 let (sv, sg) = value_and_grad(&p, |t| lovasz_sigmoid(t, &l, &sigmoid))?;
                 for (v, g) in [(hv, hg), (sv, sg)] {
                     let mut bits = vec![v.to_bits()];
@@ -660,6 +661,112 @@ fn one_job_split_over_threads_gives_the_serial_result_bit_for_bit() -> Result<()
                     bits.extend(g.iter().map(|g| g.to_bits()));
                     all.push(bits);
                 }
+            }
+            Ok(all)
+        })
+    };
+    let serial = run(1)?;
+    for threads in [2, 3] {
+        assert!(serial == run(threads)?, "{threads} threads differ from one");
+    }
+    Ok(())
+}
+
+/// The Lovász extension of the Jaccard loss of one group from its sorted errors
+/// (decreasing), `Σ max(e_k, 0) (J_k - J_(k-1))` with `J_k = 1 - (G - f_k) / (G + b_k)`.
+fn lovasz_by_sorting(mut errors: Vec<(f64, bool)>) -> f64 {
+    errors.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let gts = errors.iter().filter(|e| e.1).count() as f64;
+    let (mut f, mut b, mut prev, mut loss) = (0.0, 0.0, 0.0, 0.0);
+    for (e, fg) in errors {
+        if fg {
+            f += 1.0;
+        } else {
+            b += 1.0;
+        }
+        let j = 1.0 - (gts - f) / (gts + b);
+        loss += e.max(0.0) * (j - prev);
+        prev = j;
+    }
+    loss
+}
+
+#[test]
+fn pruned_split_job_matches_the_definition_and_the_serial_result() -> Result<()> {
+    // One group of 3 x 200 x 300 pixels (a job split over threads) whose foreground
+    // errors all exceed 0.3 (sigmoid) or 0.5 (hinge): a quarter to a third of the
+    // background pixels have smaller errors, weight 0, and are left out of the sort.
+    let (b, h, w) = (3, 200, 300);
+    let n = b * h * w;
+    let mut state = 5u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let labels: Vec<u32> = (0..n)
+        .map(|i| match i % 19 {
+            0 => 255,
+            r => u32::from(r % 3 == 0),
+        })
+        .collect();
+    let u: Vec<f32> = (0..n).map(|_| next()).collect();
+    let probas: Vec<f32> = (u.iter().zip(&labels))
+        .map(|(&u, &l)| if l == 1 { 0.7 * u } else { u })
+        .collect();
+    let logits: Vec<f32> = (u.iter().zip(&labels))
+        .map(|(&u, &l)| if l == 1 { 1.5 * u - 1.0 } else { 2.0 * u - 1.0 })
+        .collect();
+    let valid = |i: &usize| labels[*i] != 255;
+    let want_sigmoid = lovasz_by_sorting(
+        (0..n)
+            .filter(valid)
+            .map(|i| {
+                let fg = labels[i] == 1;
+                // The errors in f32, as the kernel takes them.
+                let p = probas[i];
+                (f64::from(if fg { 1.0 - p } else { p }), fg)
+            })
+            .collect(),
+    );
+    let want_hinge = lovasz_by_sorting(
+        (0..n)
+            .filter(valid)
+            .map(|i| {
+                let fg = labels[i] == 1;
+                let x = logits[i];
+                (f64::from(if fg { 1.0 - x } else { 1.0 + x }), fg)
+            })
+            .collect(),
+    );
+    let l = Tensor::from_vec(labels.clone(), (b, h, w), &DEV)?;
+    let p = Tensor::from_vec(probas, (b, h, w), &DEV)?;
+    let x = Tensor::from_vec(logits, (b, h, w), &DEV)?;
+    let sigmoid = LovaszSigmoidConfig {
+        per_image: false,
+        ignore_index: Some(255),
+    };
+    let hinge = LovaszHingeConfig {
+        per_image: false,
+        ignore_index: Some(255),
+    };
+    let run = |threads: usize| -> Result<Vec<Vec<u64>>> {
+        on_threads(threads, || {
+            let (sv, sg) = value_and_grad(&p, |t| lovasz_sigmoid(t, &l, &sigmoid))?;
+            let (hv, hg) = value_and_grad(&x, |t| lovasz_hinge(t, &l, &hinge))?;
+            // The values are f32: the kernel's f64 sums rounded once.
+            assert!(
+                (sv - want_sigmoid).abs() < 2e-7,
+                "sigmoid {sv} vs {want_sigmoid}"
+            );
+            assert!((hv - want_hinge).abs() < 2e-7, "hinge {hv} vs {want_hinge}");
+            let mut all = Vec::new();
+            for (v, g) in [(sv, sg), (hv, hg)] {
+                let mut bits = vec![v.to_bits()];
+                let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                bits.extend(g.iter().map(|g| g.to_bits()));
+                all.push(bits);
             }
             Ok(all)
         })
