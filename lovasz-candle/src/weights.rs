@@ -21,6 +21,10 @@
 //! The sort counts each piece's foreground keys while its buckets are in cache, and
 //! leaves each bucket in whichever of its two buffers its passes ended in: the walk reads
 //! both, so no pass over the whole job is spent on either.
+//!
+//! Background pixels whose error is below every foreground error of the group come after
+//! the last foreground pixel in sorted order, where the weight is exactly 0: when there
+//! are enough of them ([`worth_pruning`]), they are left out of the sort and the walk.
 
 use std::ops::Range;
 
@@ -107,6 +111,9 @@ pub(crate) trait Real: candle::WithDType + PartialOrd + crate::buffer::ZeroBits 
     /// [`Real::error`] for a key whose error has its sign bit clear (an absolute value,
     /// NaN included): the same bits, with no select on the sign.
     fn unsigned_error(p: Self::Packed) -> Self;
+    /// How many of `keys` are foreground keys, and the largest of those (the smallest
+    /// foreground error; meaningless when there are none).
+    fn foreground_floor(keys: &[Self::Packed]) -> (u64, Self::Packed);
     fn exp(self) -> Self;
     /// `1` if `b`, else `0`, without a branch.
     fn indicator(b: bool) -> Self;
@@ -164,6 +171,7 @@ macro_rules! float_bit_ops {
         fn abs(self) -> $t {
             <$t>::abs(self)
         }
+
         #[inline]
         fn is_nan(self) -> bool {
             <$t>::is_nan(self)
@@ -202,6 +210,18 @@ macro_rules! packed_key_ops {
             } else {
                 !ascending
             })
+        }
+        fn foreground_floor(keys: &[$packed]) -> (u64, $packed) {
+            // Branch-free over the high words (a background key counts as 0), which the
+            // compiler can vectorise.
+            let (mut count, mut top) = (0u64, 0 as $bits);
+            for &k in keys {
+                let fg = (k as $bits) & 1;
+                count += fg as u64;
+                let high = ((k >> <$bits>::BITS) as $bits) & fg.wrapping_neg();
+                top = if high > top { high } else { top };
+            }
+            (count, <$packed>::from(top) << <$bits>::BITS)
         }
         #[inline]
         fn unsigned_error(p: $packed) -> $t {
@@ -552,30 +572,34 @@ fn run_job<T: Real>(
         // the sort then uses as its working memory.
         let pieces = &mut ws.scratch;
         crate::buffer::working(pieces, n);
-        let built: Vec<(Built<T>, Vec<u32>)> = pieces
+        let built: Vec<(usize, bool, Vec<u32>)> = pieces
             .par_chunks_mut(PIECE)
             .enumerate()
             .map(|(i, out)| {
-                let b = build(i * PIECE..n.min((i + 1) * PIECE), out);
-                (b, T::piece_summary(&out[..b.len]))
+                let (len, nan) = build(i * PIECE..n.min((i + 1) * PIECE), out);
+                (len, nan, T::piece_summary(&out[..len]))
             })
             .collect();
-        let all = (built.iter().map(|b| b.0)).reduce(Built::then);
-        let nan = all.is_some_and(|a| a.nan);
-        let (lens, summaries): (Vec<usize>, Vec<Vec<u32>>) = match all {
+        let nan = built.iter().any(|b| b.1);
+        let floor = (!nan && worth_pruning(p, images.clone(), job))
+            .then(|| {
+                let parts: Vec<&[T::Packed]> = (pieces.chunks(PIECE).zip(&built))
+                    .map(|(piece, b)| &piece[..b.0])
+                    .collect();
+                foreground_floor::<T>(&parts, job.gts)
+            })
+            .flatten();
+        let (lens, summaries): (Vec<usize>, Vec<Vec<u32>>) = match floor {
             // Pruned pieces are summed up again (a pass that only pruning pays for).
-            Some(all) if worth_pruning(p, images.clone(), job, &all) => pieces
+            Some(min_fg) => pieces
                 .par_chunks_mut(PIECE)
                 .zip(&built)
-                .map(|(out, (b, _))| {
-                    let len = prune_zero_weight(&mut out[..b.len], all.min_fg);
+                .map(|(out, b)| {
+                    let len = prune_zero_weight(&mut out[..b.0], min_fg);
                     (len, T::piece_summary(&out[..len]))
                 })
                 .unzip(),
-            _ => built
-                .into_iter()
-                .map(|(b, summary)| (b.len, summary))
-                .unzip(),
+            None => built.into_iter().map(|(len, _, s)| (len, s)).unzip(),
         };
         let sorted = T::par_sort(pieces, PIECE, &lens, &summaries, keys);
         runs = sorted.runs;
@@ -583,17 +607,17 @@ fn run_job<T: Real>(
         nan
     } else {
         crate::buffer::working(keys, n);
-        let b = build(0..n, keys);
-        let len = if worth_pruning(p, images.clone(), job, &b) {
-            prune_zero_weight(&mut keys[..b.len], b.min_fg)
-        } else {
-            b.len
-        };
+        let (mut len, nan) = build(0..n, keys);
+        if !nan && worth_pruning(p, images.clone(), job) {
+            if let Some(min_fg) = foreground_floor::<T>(&[&keys[..len]], job.gts) {
+                len = prune_zero_weight(&mut keys[..len], min_fg);
+            }
+        }
         keys.truncate(len);
         T::sort(keys, &mut ws.scratch);
         runs = vec![(keys.len(), false)];
         fg_per_piece = None;
-        b.nan
+        nan
     };
     if keys.is_empty() {
         return (JobSums::default(), nan);
@@ -707,18 +731,14 @@ fn build_keys<T: Real>(
     class: u32,
     channel: usize,
     out: &mut [T::Packed],
-) -> Built<T> {
+) -> (usize, bool) {
     let s_n = p.spatial;
     // A hinge error <= 0 has relu weight 0 and sorts after every positive one, so it
     // changes no other pixel's rank: in linear mode such pixels are left out (their
     // coefficient stays 0). The weights `W` need every pixel.
     let drop_nonpositive = p.kind == ErrorKind::Hinge && p.output == Output::Linear;
     let mut at = pixels.start;
-    let mut all = Built {
-        len: 0,
-        nan: false,
-        min_fg: T::from_f64(f64::INFINITY),
-    };
+    let (mut kept, mut nan) = (0, false);
     while at < pixels.end {
         let (li, i0) = (at / s_n, at % s_n);
         let i1 = s_n.min(i0 + pixels.end - at);
@@ -726,8 +746,8 @@ fn build_keys<T: Real>(
         let x = &p.data[(b * p.channels + channel) * s_n..][i0..i1];
         let labels = &p.labels[b * s_n..][i0..i1];
         let base = (li << index_shift(s_n) | i0) as u32;
-        let out = &mut out[all.len..];
-        let row = match p.kind {
+        let out = &mut out[kept..];
+        let (k, n) = match p.kind {
             ErrorKind::Abs => push_keys(out, x, labels, class, base, false, |x, fg| {
                 ErrorKind::Abs.error(x, fg)
             }),
@@ -737,10 +757,11 @@ fn build_keys<T: Real>(
                 })
             }
         };
-        all = all.then(row);
+        kept += k;
+        nan |= n;
         at += i1 - i0;
     }
-    all
+    (kept, nan)
 }
 
 /// Appends the packed keys of one image's row `x` (labels `labels`, pixel indices from
@@ -755,31 +776,21 @@ fn push_keys<T: Real>(
     base: u32,
     drop_nonpositive: bool,
     error: impl Fn(T, bool) -> (T, bool),
-) -> Built<T> {
+) -> (usize, bool) {
     let out = &mut out[..x.len()];
-    // An error is NaN exactly when its input is: the NaN scan of the input rides along,
-    // and so does the smallest foreground error. A plain map the compiler can keep
-    // branch-free, counting the keys to drop.
+    // An error is NaN exactly when its input is: the NaN scan of the input rides along.
+    // A plain map the compiler can keep branch-free, counting the keys to drop.
     let (mut nan, mut dropped) = (false, 0usize);
-    let none = T::from_f64(f64::INFINITY);
-    let mut min_fg = none;
     for (o, (i, (&x, &l))) in out.iter_mut().zip(x.iter().zip(labels).enumerate()) {
         let fg = l == class;
         let (err, slope) = error(x, fg);
         *o = T::pack(err, base + i as u32, slope, fg);
         nan |= err.is_nan();
-        let candidate = if fg { err } else { none };
-        min_fg = if candidate < min_fg {
-            candidate
-        } else {
-            min_fg
-        };
         // `err <= 0` is false for NaN: a NaN error reaches the walk like any other.
         dropped += usize::from((l == VOID) | (drop_nonpositive & (err <= T::zero())));
     }
-    let built = |len| Built { len, nan, min_fg };
     if dropped == 0 {
-        return built(x.len());
+        return (x.len(), nan);
     }
     // Then the kept keys move to the front, in order: every key is copied and the end
     // moves past it only if it is kept, with no branch on the labels or the errors.
@@ -790,32 +801,7 @@ fn push_keys<T: Real>(
         out[end] = key;
         end += usize::from((l != VOID) & !(drop_nonpositive & (err <= T::zero())));
     }
-    built(end)
-}
-
-/// What building a run of keys found: how many keys were kept, whether an input value
-/// read was NaN, and the smallest error of a foreground pixel (void pixels left out;
-/// infinity if none; NaN errors not counted).
-#[derive(Clone, Copy)]
-struct Built<T> {
-    len: usize,
-    nan: bool,
-    min_fg: T,
-}
-
-impl<T: Real> Built<T> {
-    /// The two summaries of consecutive runs as one.
-    fn then(self, next: Built<T>) -> Built<T> {
-        Built {
-            len: self.len + next.len,
-            nan: self.nan | next.nan,
-            min_fg: if next.min_fg < self.min_fg {
-                next.min_fg
-            } else {
-                self.min_fg
-            },
-        }
-    }
+    (end, nan)
 }
 
 /// Leaves out, in place and in order, the background keys whose error is below
@@ -835,37 +821,49 @@ fn prune_zero_weight<T: Real>(keys: &mut [T::Packed], min_fg: T) -> usize {
     end
 }
 
-/// Keys in the sample that decides [`worth_pruning`].
+/// The smallest foreground error of a job whose keys are `parts`, if every foreground
+/// pixel of its group (`gts` of them) has a key there: a hinge error `<= 0` left out
+/// leaves no key, and then no positive background error is below every foreground one.
+fn foreground_floor<T: Real>(parts: &[&[T::Packed]], gts: u64) -> Option<T> {
+    let floors: Vec<(u64, T::Packed)> = parts.par_iter().map(|k| T::foreground_floor(k)).collect();
+    let count: u64 = floors.iter().map(|f| f.0).sum();
+    let top = floors.iter().map(|f| f.1).max()?;
+    (count == gts && gts > 0).then(|| T::error(top))
+}
+
+/// Pixels in the sample that decides [`worth_pruning`].
 const PRUNE_SAMPLE: usize = 1024;
 
-/// Whether a job's zero-weight background keys (see [`prune_zero_weight`]) are worth a
-/// pass over its keys: when at least an eighth of an evenly spaced sample of its pixels
-/// would go. The sample is of the input, so the choice does not depend on how the keys
-/// were built (in one run or in pieces). Never when a NaN was read or the group has no
-/// foreground pixel (then the first pixel takes all the weight).
-fn worth_pruning<T: Real>(p: &Problem<T>, images: Range<usize>, job: &Job, b: &Built<T>) -> bool {
-    if b.nan || job.gts == 0 {
-        return false;
-    }
+/// Whether a job's zero-weight background keys (see [`prune_zero_weight`]) are worth two
+/// passes over its keys (one for the smallest foreground error, one to leave them out):
+/// when, in an evenly spaced sample of the group's pixels, at least an eighth of the keys
+/// are background keys with errors below every foreground error of the sample. The
+/// sample is of the input, so the choice is the same however the keys are built, and a
+/// wrong guess only costs time: the keys left out are decided by the exact floor.
+fn worth_pruning<T: Real>(p: &Problem<T>, images: Range<usize>, job: &Job) -> bool {
     let s_n = p.spatial;
     let n = images.len() * s_n;
     let drop_nonpositive = p.kind == ErrorKind::Hinge && p.output == Output::Linear;
-    let (mut seen, mut below) = (0usize, 0usize);
+    let mut sample: Vec<(T, bool)> = Vec::with_capacity(PRUNE_SAMPLE + 1);
     for i in (0..n).step_by((n / PRUNE_SAMPLE).max(1)) {
         let (image, pixel) = (images.start + i / s_n, i % s_n);
         let l = p.labels[image * s_n + pixel];
-        if l == VOID {
-            continue;
+        if l != VOID {
+            let fg = l == job.class;
+            let x = p.data[(image * p.channels + job.channel) * s_n + pixel];
+            sample.push((p.kind.error(x, fg).0, fg));
         }
-        let fg = l == job.class;
-        let (err, _) = p
-            .kind
-            .error(p.data[(image * p.channels + job.channel) * s_n + pixel], fg);
-        seen += 1;
-        let dropped = drop_nonpositive && err <= T::zero();
-        below += usize::from(!fg && !dropped && err < b.min_fg);
     }
-    below * 8 >= seen.max(1)
+    let floor = sample.iter().filter(|s| s.1).map(|s| s.0.to_f64());
+    let Some(floor) = floor.reduce(f64::min) else {
+        return false;
+    };
+    let kept = |&&(err, fg): &&(T, bool)| !(drop_nonpositive && err <= T::zero()) || fg;
+    let keys = sample.iter().filter(kept).count();
+    let below = (sample.iter().filter(kept))
+        .filter(|&&(err, fg)| !fg && err.to_f64() < floor)
+        .count();
+    below * 8 >= keys.max(1)
 }
 
 /// Walks the sorted keys once, writing each pixel's value into its image's row of `rows`
@@ -1072,10 +1070,13 @@ mod tests {
         };
         // The kernel does leave keys out here.
         let mut keys = vec![0u64; s_n];
-        let built = build_keys(&p, 0, 0..s_n, 0, 0, &mut keys);
-        assert!(worth_pruning(&p, 0..1, &job, &built));
-        let kept = prune_zero_weight::<f32>(&mut keys[..built.len], built.min_fg);
-        assert!(kept < built.len * 3 / 4, "{kept} of {} kept", built.len);
+        let (len, _) = build_keys(&p, 0, 0..s_n, 0, 0, &mut keys);
+        assert!(worth_pruning(&p, 0..1, &job));
+        let min_fg = foreground_floor::<f32>(&[&keys[..len]], gts).unwrap();
+        let want = (0..s_n).filter(|&i| labels[i] == 0).map(|i| 1.0 - data[i]);
+        assert_eq!(min_fg, want.fold(f32::INFINITY, f32::min));
+        let kept = prune_zero_weight::<f32>(&mut keys[..len], min_fg);
+        assert!(kept < len * 3 / 4, "{kept} of {len} kept");
 
         let sel = Selection {
             entries: vec![ClassEntry {

@@ -653,7 +653,6 @@ fn one_job_split_over_threads_gives_the_serial_result_bit_for_bit() -> Result<()
                 let x = x.to_dtype(dtype)?;
                 let p = candle_nn::ops::sigmoid(&x)?;
                 let (hv, hg) = value_and_grad(&x, |t| lovasz_hinge(t, &l, &hinge))?;
-                // The values are f32: the kernel's f64 sums rounded once.
                 let (sv, sg) = value_and_grad(&p, |t| lovasz_sigmoid(t, &l, &sigmoid))?;
                 for (v, g) in [(hv, hg), (sv, sg)] {
                     let mut bits = vec![v.to_bits()];
@@ -730,7 +729,7 @@ fn pruned_split_job_matches_the_definition_and_the_serial_result() -> Result<()>
             })
             .collect(),
     );
-    let want_hinge = lovasz_by_sorting(
+    let hinge_errors = |logits: &[f32]| -> Vec<(f64, bool)> {
         (0..n)
             .filter(valid)
             .map(|i| {
@@ -738,11 +737,20 @@ fn pruned_split_job_matches_the_definition_and_the_serial_result() -> Result<()>
                 let x = logits[i];
                 (f64::from(if fg { 1.0 - x } else { 1.0 + x }), fg)
             })
-            .collect(),
-    );
+            .collect()
+    };
+    let want_hinge = lovasz_by_sorting(hinge_errors(&logits));
+    // One foreground pixel (3, outside the kernel's sample of every 175th pixel) with a
+    // hinge error below 0: it has no key, comes after every positive error, and so no
+    // background key may be left out.
+    let mut dropped = logits.clone();
+    assert_eq!(labels[3], 1);
+    dropped[3] = 1.5;
+    let want_dropped = lovasz_by_sorting(hinge_errors(&dropped));
     let l = Tensor::from_vec(labels.clone(), (b, h, w), &DEV)?;
     let p = Tensor::from_vec(probas, (b, h, w), &DEV)?;
     let x = Tensor::from_vec(logits, (b, h, w), &DEV)?;
+    let x2 = Tensor::from_vec(dropped, (b, h, w), &DEV)?;
     let sigmoid = LovaszSigmoidConfig {
         per_image: false,
         ignore_index: Some(255),
@@ -755,14 +763,16 @@ fn pruned_split_job_matches_the_definition_and_the_serial_result() -> Result<()>
         on_threads(threads, || {
             let (sv, sg) = value_and_grad(&p, |t| lovasz_sigmoid(t, &l, &sigmoid))?;
             let (hv, hg) = value_and_grad(&x, |t| lovasz_hinge(t, &l, &hinge))?;
+            let (dv, dg) = value_and_grad(&x2, |t| lovasz_hinge(t, &l, &hinge))?;
             // The values are f32: the kernel's f64 sums rounded once.
             assert!(
                 (sv - want_sigmoid).abs() < 2e-7,
                 "sigmoid {sv} vs {want_sigmoid}"
             );
             assert!((hv - want_hinge).abs() < 2e-7, "hinge {hv} vs {want_hinge}");
+            assert!((dv - want_dropped).abs() < 2e-7, "{dv} vs {want_dropped}");
             let mut all = Vec::new();
-            for (v, g) in [(sv, sg), (hv, hg)] {
+            for (v, g) in [(sv, sg), (hv, hg), (dv, dg)] {
                 let mut bits = vec![v.to_bits()];
                 let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
                 bits.extend(g.iter().map(|g| g.to_bits()));
