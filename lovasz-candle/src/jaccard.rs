@@ -210,13 +210,11 @@ mod tests {
 
     #[test]
     fn blended_steps_match_branched_steps() {
-        let mut state = 5u64;
+        let mut rng = crate::test_rng::Lcg(5);
         for (n, every) in [(200usize, 2u64), (200, 20), (50, 1), (50, 0)] {
             let fg: Vec<bool> = (0..n)
                 .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
+                    let state = rng.next_u64();
                     every > 0 && (state >> 33) % every == 0
                 })
                 .collect();

@@ -82,6 +82,8 @@ mod jaccard;
 pub mod metrics;
 mod radix;
 mod softmax;
+#[cfg(test)]
+mod test_rng;
 mod weights;
 
 pub use bce::binary_xloss;

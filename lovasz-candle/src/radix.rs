@@ -428,15 +428,8 @@ mod tests {
 
     /// `n` keys with increasing low words and high words from `high(random)`.
     fn lcg_keys(n: u64, seed: u64, high: impl Fn(u64) -> u64) -> Vec<u64> {
-        let mut state = seed;
-        (0..n)
-            .map(|i| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (high(state) << 32) | i
-            })
-            .collect()
+        let mut rng = crate::test_rng::Lcg(seed);
+        (0..n).map(|i| (high(rng.next_u64()) << 32) | i).collect()
     }
 
     #[test]
@@ -502,15 +495,12 @@ mod tests {
     #[test]
     fn every_digit_plan_sorts() {
         // Key ranges of 1 to 32 bits, on inputs that take the narrow and the wide digits.
-        let mut state = 77u64;
+        let mut rng = crate::test_rng::Lcg(77);
         for n in [3_000u64, 40_000] {
             for bits in 1..=32u32 {
                 let keys: Vec<u64> = (0..n)
                     .map(|i| {
-                        state = state
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        let high = (state >> 32) as u32 >> (32 - bits);
+                        let high = (rng.next_u64() >> 32) as u32 >> (32 - bits);
                         let offset = 0x1234_5678u32.checked_shr(bits).unwrap_or(0);
                         (u64::from(high.wrapping_add(offset)) << 32) | i
                     })

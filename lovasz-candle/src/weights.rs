@@ -1022,13 +1022,8 @@ mod tests {
     /// about 40 % of its background pixels have smaller errors and weight 0; with void
     /// pixels and two other classes.
     fn separable(s_n: usize) -> (Vec<f32>, Vec<u32>) {
-        let mut state = 11u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut rng = crate::test_rng::Lcg(11);
+        let mut next = move || rng.next_f32();
         let labels: Vec<u32> = (0..s_n)
             .map(|i| match (i % 13, i % 7) {
                 (5, _) => VOID,

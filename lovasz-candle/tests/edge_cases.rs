@@ -610,6 +610,18 @@ fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
         .install(f)
 }
 
+/// Values in `[0, 1)` from a linear congruential generator started at `seed` (the top 24
+/// bits of each state).
+fn uniform_stream(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed;
+    move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
 #[test]
 fn one_job_split_over_threads_gives_the_serial_result_bit_for_bit() -> Result<()> {
     // Fewer (group, class) jobs than threads splits each job's key building, sort and walk
@@ -618,13 +630,7 @@ fn one_job_split_over_threads_gives_the_serial_result_bit_for_bit() -> Result<()
     // the pieces uneven.
     let (b, h, w) = (3, 200, 300);
     let n = b * h * w;
-    let mut state = 99u64;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 40) as f32 / (1u64 << 24) as f32
-    };
+    let mut next = uniform_stream(99);
     let logits: Vec<f32> = (0..n).map(|_| 3.0 * next() - 1.0).collect();
     let labels: Vec<u32> = (0..n)
         .map(|i| {
@@ -645,28 +651,41 @@ fn one_job_split_over_threads_gives_the_serial_result_bit_for_bit() -> Result<()
         per_image: false,
         ignore_index: Some(255),
     };
-    let run = |threads: usize| -> Result<Vec<Vec<u64>>> {
-        on_threads(threads, || {
-            let mut all = Vec::new();
-            // f32 keys take the radix sort, f64 keys a comparison sort.
-            for dtype in [DType::F32, DType::F64] {
-                let x = x.to_dtype(dtype)?;
-                let p = candle_nn::ops::sigmoid(&x)?;
-                let (hv, hg) = value_and_grad(&x, |t| lovasz_hinge(t, &l, &hinge))?;
-                let (sv, sg) = value_and_grad(&p, |t| lovasz_sigmoid(t, &l, &sigmoid))?;
-                for (v, g) in [(hv, hg), (sv, sg)] {
-                    let mut bits = vec![v.to_bits()];
-                    let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-                    bits.extend(g.iter().map(|g| g.to_bits()));
-                    all.push(bits);
-                }
-            }
-            Ok(all)
-        })
-    };
-    let serial = run(1)?;
+    assert_same_on_1_2_3_threads(|| {
+        let mut all = Vec::new();
+        // f32 keys take the radix sort, f64 keys a comparison sort.
+        for dtype in [DType::F32, DType::F64] {
+            let x = x.to_dtype(dtype)?;
+            let p = candle_nn::ops::sigmoid(&x)?;
+            all.push(value_and_grad_bits(&x, |t| lovasz_hinge(t, &l, &hinge))?.1);
+            all.push(value_and_grad_bits(&p, |t| lovasz_sigmoid(t, &l, &sigmoid))?.1);
+        }
+        Ok(all)
+    })
+}
+
+/// [`value_and_grad`], with the bits of the value and of the gradient (as f64) in one
+/// vector, to compare runs exactly.
+fn value_and_grad_bits(
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> candle::Result<Tensor>,
+) -> Result<(f64, Vec<u64>)> {
+    let (v, g) = value_and_grad(x, f)?;
+    let mut bits = vec![v.to_bits()];
+    let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    bits.extend(g.iter().map(|g| g.to_bits()));
+    Ok((v, bits))
+}
+
+/// Runs `f` on rayon pools of 1, 2 and 3 threads and checks that the three results are
+/// the same.
+fn assert_same_on_1_2_3_threads(f: impl Fn() -> Result<Vec<Vec<u64>>> + Sync) -> Result<()> {
+    let serial = on_threads(1, &f)?;
     for threads in [2, 3] {
-        assert!(serial == run(threads)?, "{threads} threads differ from one");
+        assert!(
+            serial == on_threads(threads, &f)?,
+            "{threads} threads differ from one"
+        );
     }
     Ok(())
 }
@@ -697,13 +716,7 @@ fn pruned_split_job_matches_the_definition_and_the_serial_result() -> Result<()>
     // background pixels have smaller errors, weight 0, and are left out of the sort.
     let (b, h, w) = (3, 200, 300);
     let n = b * h * w;
-    let mut state = 5u64;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 40) as f32 / (1u64 << 24) as f32
-    };
+    let mut next = uniform_stream(5);
     let labels: Vec<u32> = (0..n)
         .map(|i| match i % 19 {
             0 => 255,
@@ -759,33 +772,19 @@ fn pruned_split_job_matches_the_definition_and_the_serial_result() -> Result<()>
         per_image: false,
         ignore_index: Some(255),
     };
-    let run = |threads: usize| -> Result<Vec<Vec<u64>>> {
-        on_threads(threads, || {
-            let (sv, sg) = value_and_grad(&p, |t| lovasz_sigmoid(t, &l, &sigmoid))?;
-            let (hv, hg) = value_and_grad(&x, |t| lovasz_hinge(t, &l, &hinge))?;
-            let (dv, dg) = value_and_grad(&x2, |t| lovasz_hinge(t, &l, &hinge))?;
-            // The values are f32: the kernel's f64 sums rounded once.
-            assert!(
-                (sv - want_sigmoid).abs() < 2e-7,
-                "sigmoid {sv} vs {want_sigmoid}"
-            );
-            assert!((hv - want_hinge).abs() < 2e-7, "hinge {hv} vs {want_hinge}");
-            assert!((dv - want_dropped).abs() < 2e-7, "{dv} vs {want_dropped}");
-            let mut all = Vec::new();
-            for (v, g) in [(sv, sg), (hv, hg), (dv, dg)] {
-                let mut bits = vec![v.to_bits()];
-                let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-                bits.extend(g.iter().map(|g| g.to_bits()));
-                all.push(bits);
-            }
-            Ok(all)
-        })
-    };
-    let serial = run(1)?;
-    for threads in [2, 3] {
-        assert!(serial == run(threads)?, "{threads} threads differ from one");
-    }
-    Ok(())
+    assert_same_on_1_2_3_threads(|| {
+        let (sv, s_bits) = value_and_grad_bits(&p, |t| lovasz_sigmoid(t, &l, &sigmoid))?;
+        let (hv, h_bits) = value_and_grad_bits(&x, |t| lovasz_hinge(t, &l, &hinge))?;
+        let (dv, d_bits) = value_and_grad_bits(&x2, |t| lovasz_hinge(t, &l, &hinge))?;
+        // The values are f32: the kernel's f64 sums rounded once.
+        assert!(
+            (sv - want_sigmoid).abs() < 2e-7,
+            "sigmoid {sv} vs {want_sigmoid}"
+        );
+        assert!((hv - want_hinge).abs() < 2e-7, "hinge {hv} vs {want_hinge}");
+        assert!((dv - want_dropped).abs() < 2e-7, "{dv} vs {want_dropped}");
+        Ok(vec![s_bits, h_bits, d_bits])
+    })
 }
 
 /// Checks that the Lovász-Softmax (present classes, per batch) of `p` is NaN on the CPU
