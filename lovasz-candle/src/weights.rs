@@ -84,6 +84,16 @@ pub(crate) struct Problem<'a, T> {
     pub group_scale: f64,
 }
 
+impl<T> Problem<'_, T> {
+    /// Whether keys with errors `<= 0` are left out: a hinge error `<= 0` has relu weight
+    /// 0 and sorts after every positive one, so it changes no other pixel's rank; in
+    /// linear mode such pixels are left out (their coefficient stays 0). The weights `W`
+    /// need every pixel.
+    fn drops_nonpositive(&self) -> bool {
+        self.kind == ErrorKind::Hinge && self.output == Output::Linear
+    }
+}
+
 /// The kernel's result: per-pixel values `[B, C, S]` (zero where no class job wrote), and
 /// per group the offset `K` and the loss `Σ W ⊙ errors` in f64 (both zero in
 /// [`Output::Weights`] mode).
@@ -171,7 +181,6 @@ macro_rules! float_bit_ops {
         fn abs(self) -> $t {
             <$t>::abs(self)
         }
-
         #[inline]
         fn is_nan(self) -> bool {
             <$t>::is_nan(self)
@@ -733,10 +742,7 @@ fn build_keys<T: Real>(
     out: &mut [T::Packed],
 ) -> (usize, bool) {
     let s_n = p.spatial;
-    // A hinge error <= 0 has relu weight 0 and sorts after every positive one, so it
-    // changes no other pixel's rank: in linear mode such pixels are left out (their
-    // coefficient stays 0). The weights `W` need every pixel.
-    let drop_nonpositive = p.kind == ErrorKind::Hinge && p.output == Output::Linear;
+    let drop_nonpositive = p.drops_nonpositive();
     let mut at = pixels.start;
     let (mut kept, mut nan) = (0, false);
     while at < pixels.end {
@@ -793,13 +799,13 @@ fn push_keys<T: Real>(
         return (x.len(), nan);
     }
     // Then the kept keys move to the front, in order: every key is copied and the end
-    // moves past it only if it is kept, with no branch on the labels or the errors.
+    // moves past it only if it is kept, with no branch on the labels or the errors (read
+    // back from the key, which holds its bits exactly).
     let mut end = 0;
     for i in 0..out.len() {
         let (key, l) = (out[i], labels[i]);
-        let (err, _) = error(x[i], l == class);
         out[end] = key;
-        end += usize::from((l != VOID) & !(drop_nonpositive & (err <= T::zero())));
+        end += usize::from((l != VOID) & !(drop_nonpositive & (T::error(key) <= T::zero())));
     }
     (end, nan)
 }
@@ -843,7 +849,7 @@ const PRUNE_SAMPLE: usize = 1024;
 fn worth_pruning<T: Real>(p: &Problem<T>, images: Range<usize>, job: &Job) -> bool {
     let s_n = p.spatial;
     let n = images.len() * s_n;
-    let drop_nonpositive = p.kind == ErrorKind::Hinge && p.output == Output::Linear;
+    let drop_nonpositive = p.drops_nonpositive();
     let mut sample: Vec<(T, bool)> = Vec::with_capacity(PRUNE_SAMPLE + 1);
     for i in (0..n).step_by((n / PRUNE_SAMPLE).max(1)) {
         let (image, pixel) = (images.start + i / s_n, i % s_n);
@@ -1111,13 +1117,12 @@ mod tests {
 
     #[test]
     fn label_counts_match_a_plain_count() {
-        let mut state = 7u32;
+        let mut rng = crate::test_rng::Lcg(7);
         for n in [0, 1, 3, 4, 5, 70_001] {
             let labels: Vec<u32> = (0..n)
                 .map(|i| {
-                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
                     // Runs of equal labels, values past the counted ones, and void.
-                    match (state >> 28, i % 9 < 5) {
+                    match ((rng.next_u64() >> 60) as u32, i % 9 < 5) {
                         (0, _) => VOID,
                         (1, _) => 6,
                         (_, true) => 2,
