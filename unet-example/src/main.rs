@@ -9,6 +9,7 @@ use unet_example::cli::{run, Cli};
 
 fn main() -> std::process::ExitCode {
     unet_example::device::limit_elementwise_threads();
+    unet_example::device::keep_freed_memory();
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
