@@ -285,8 +285,11 @@ fn main() -> Result<()> {
         bail!("--reps must be at least 1");
     }
     let (x, labels) = inputs(&args)?;
+    // glibc's allocator settings change the time of fresh large buffers (see the README's
+    // "Speed"): the line names them so that a log tells which were in force.
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| "unset".to_string());
     println!(
-        "loss={:?} shape={:?} per_image={} dist={:?} threads={}",
+        "loss={:?} shape={:?} per_image={} dist={:?} threads={} GLIBC_TUNABLES={tunables}",
         args.loss,
         x.dims(),
         args.per_image,
