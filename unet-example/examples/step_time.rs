@@ -15,7 +15,15 @@ use unet_example::optim::{AdamW, AdamWConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     unet_example::device::limit_elementwise_threads();
-    unet_example::device::keep_freed_memory();
+    let kept = unet_example::device::keep_freed_memory();
+    println!(
+        "allocator: {}",
+        if kept {
+            "freed memory kept (keep_freed_memory)"
+        } else {
+            "left as it is (GLIBC_TUNABLES set, or not glibc)"
+        }
+    );
     let steps: usize = std::env::args().nth(1).map_or(Ok(20), |s| s.parse())?;
     let dev = Device::Cpu;
     let train = BrainSlices::load(Split::Train)?;

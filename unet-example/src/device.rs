@@ -119,11 +119,12 @@ pub fn limit_elementwise_threads() {
 /// moving threshold) with its own `mmap` and returns it with `munmap` when freed, and it
 /// trims the top of its heap when more than a few MiB there are free. A training step
 /// allocates and frees the same tensors every time, so each step paid for fresh, zeroed
-/// pages: about a quarter of a default U-Net step on this project's 2-core VM (177 against
-/// 230–240 ms per step, `--example step_time`, measured 2026-11-29). With these settings
-/// the process keeps its peak heap size for its whole life, as training loops usually do.
-/// Large blocks that other threads allocate in their own arenas are still mapped on their
-/// own; candle allocates a step's tensors on the calling thread.
+/// pages: about a fifth of a default U-Net step on this project's 2-core VM (~175 against
+/// ~225 ms per step, `--example step_time`, three runs each, 2026-11-29). With these
+/// settings the process keeps its peak heap size for its whole life, as training loops
+/// usually do. Large blocks that other threads allocate in their own arenas are still
+/// mapped on their own (glibc's fallback when such an arena cannot grow); candle
+/// allocates a step's tensors on the calling thread.
 pub fn keep_freed_memory() -> bool {
     if std::env::var_os("GLIBC_TUNABLES").is_some() {
         return false;
@@ -136,7 +137,8 @@ fn glibc_keep_freed_memory() -> bool {
     // SAFETY: `mallopt` only sets allocator parameters; glibc serialises it against
     // allocations in other threads.
     unsafe {
-        // No block comes from its own `mmap`: all come from the heaps and return there.
+        // Blocks of the main arena (the main thread's) never get an `mmap` of their own:
+        // the heap serves them, and freed ones return there.
         let no_mmap = libc::mallopt(libc::M_MMAP_MAX, 0) == 1;
         // Free memory at the top of the heap stays mapped (up to 2 GiB).
         let no_trim = libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) == 1;

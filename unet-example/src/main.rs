@@ -9,7 +9,7 @@ use unet_example::cli::{run, Cli};
 
 fn main() -> std::process::ExitCode {
     unet_example::device::limit_elementwise_threads();
-    unet_example::device::keep_freed_memory();
+    let kept_freed_memory = unet_example::device::keep_freed_memory();
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -18,6 +18,7 @@ fn main() -> std::process::ExitCode {
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    tracing::debug!(kept_freed_memory, "allocator settings");
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
