@@ -1,5 +1,5 @@
-//! A small deterministic generator for the unit tests: a 64-bit linear congruential
-//! generator with Knuth's MMIX constants.
+//! A small deterministic generator for the tests (the unit tests, and `tests/edge_cases.rs`
+//! by path): a 64-bit linear congruential generator with Knuth's MMIX constants.
 
 /// The generator's state; each call steps it once.
 pub(crate) struct Lcg(pub u64);

@@ -792,22 +792,42 @@ fn push_keys<T: Real>(
         let (err, slope) = error(x, fg);
         *o = T::pack(err, base + i as u32, slope, fg);
         nan |= err.is_nan();
-        // `err <= 0` is false for NaN: a NaN error reaches the walk like any other.
-        dropped += usize::from((l == VOID) | (drop_nonpositive & (err <= T::zero())));
+        dropped += usize::from(is_dropped(drop_nonpositive, l, err));
     }
     if dropped == 0 {
         return (x.len(), nan);
     }
-    // Then the kept keys move to the front, in order: every key is copied and the end
-    // moves past it only if it is kept, with no branch on the labels or the errors (read
-    // back from the key, which holds its bits exactly).
-    let mut end = 0;
-    for i in 0..out.len() {
-        let (key, l) = (out[i], labels[i]);
-        out[end] = key;
-        end += usize::from((l != VOID) & !(drop_nonpositive & (T::error(key) <= T::zero())));
-    }
+    // Then the kept keys move to the front, in order (their errors read back from the
+    // keys, which hold their bits exactly).
+    let end = keep_in_order::<T>(out, |i, key| {
+        !is_dropped(drop_nonpositive, labels[i], T::error(key))
+    });
     (end, nan)
+}
+
+/// Whether a pixel with label `label` and error `err` gets no key: void, or (with
+/// `drop_nonpositive`, see [`Problem::drops_nonpositive`]) an error `<= 0`. That is false
+/// for a NaN error, which reaches the walk like any other. Without a branch.
+#[inline(always)]
+fn is_dropped<T: Real>(drop_nonpositive: bool, label: u32, err: T) -> bool {
+    (label == VOID) | (drop_nonpositive & (err <= T::zero()))
+}
+
+/// Moves the keys for which `keep(position, key)` holds to the front of `keys`, in order,
+/// and returns how many there are. Every key is copied and the end moves past it only if
+/// it is kept: no branch on `keep`.
+#[inline(always)]
+fn keep_in_order<T: Real>(
+    keys: &mut [T::Packed],
+    keep: impl Fn(usize, T::Packed) -> bool,
+) -> usize {
+    let mut end = 0;
+    for i in 0..keys.len() {
+        let key = keys[i];
+        keys[end] = key;
+        end += usize::from(keep(i, key));
+    }
+    end
 }
 
 /// Leaves out, in place and in order, the background keys whose error is below
@@ -816,15 +836,10 @@ fn push_keys<T: Real>(
 /// et al., Alg. 1); their outputs stay 0 and they add nothing to the sums. Returns how
 /// many keys are kept.
 fn prune_zero_weight<T: Real>(keys: &mut [T::Packed], min_fg: T) -> usize {
-    let mut end = 0;
-    for i in 0..keys.len() {
-        let key = keys[i];
-        let (_, _, fg) = T::unpack(key);
-        keys[end] = key;
+    keep_in_order::<T>(keys, |_, key| {
         let below = T::error(key) < min_fg;
-        end += usize::from(fg | !below);
-    }
-    end
+        T::unpack(key).2 | !below
+    })
 }
 
 /// The smallest foreground error of a job whose keys are `parts`, if every foreground
@@ -864,6 +879,8 @@ fn worth_pruning<T: Real>(p: &Problem<T>, images: Range<usize>, job: &Job) -> bo
     let Some(floor) = floor.reduce(f64::min) else {
         return false;
     };
+    // Void pixels are not in the sample; a dropped foreground pixel counts as a key (it
+    // puts the floor at or below 0, where no kept error is below it).
     let kept = |&&(err, fg): &&(T, bool)| !(drop_nonpositive && err <= T::zero()) || fg;
     let keys = sample.iter().filter(kept).count();
     let below = (sample.iter().filter(kept))

@@ -9,6 +9,10 @@ use lovasz_candle::{
     CrossEntropyConfig, LovaszHingeConfig, LovaszSigmoidConfig, LovaszSoftmaxConfig, Reduction,
 };
 
+// The crate's unit-test generator, shared by path: one set of constants for both.
+#[path = "../src/test_rng.rs"]
+mod test_rng;
+
 type Result<T> = anyhow::Result<T>;
 
 const DEV: Device = Device::Cpu;
@@ -610,16 +614,10 @@ fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
         .install(f)
 }
 
-/// Values in `[0, 1)` from a linear congruential generator started at `seed` (the top 24
-/// bits of each state).
+/// Values in `[0, 1)` from the unit tests' generator started at `seed`.
 fn uniform_stream(seed: u64) -> impl FnMut() -> f32 {
-    let mut state = seed;
-    move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 40) as f32 / (1u64 << 24) as f32
-    }
+    let mut rng = test_rng::Lcg(seed);
+    move || rng.next_f32()
 }
 
 #[test]
