@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::config::Reduction;
 use crate::input::{host_copy_forced, with_host_slice};
-use crate::weights::{solve, ErrorKind, Output, Problem, Real, Selection, Solved};
+use crate::kernel::{solve, ErrorKind, HostSort, Output, Problem, Real, Selection, Solved};
 
 /// Everything about a loss but its input tensor.
 pub(crate) struct LossSpec {
@@ -34,7 +34,7 @@ impl LossSpec {
         }
     }
 
-    fn solve<T: Real>(
+    fn solve<T: HostSort>(
         &self,
         data: &[T],
         (batch, channels, spatial): (usize, usize, usize),
@@ -236,7 +236,7 @@ struct FusedLovasz {
 }
 
 impl FusedLovasz {
-    fn forward<T: Real>(&self, input: &[T], shape: &Shape) -> Result<Vec<T>> {
+    fn forward<T: HostSort>(&self, input: &[T], shape: &Shape) -> Result<Vec<T>> {
         let dims = self.dims;
         if input.len() != dims.0 * dims.1 * dims.2 {
             bail!(

@@ -81,25 +81,23 @@
 
 mod bce;
 mod binary;
-mod buffer;
 mod config;
 mod cross_entropy;
 mod extension;
 mod input;
 mod jaccard;
+mod kernel;
 pub mod metrics;
-mod radix;
 mod softmax;
 #[cfg(test)]
 mod test_rng;
-mod weights;
 
 pub use bce::binary_xloss;
 pub use binary::{lovasz_hinge, lovasz_hinge_multilabel, lovasz_hinge_weights, lovasz_sigmoid};
-pub use buffer::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub use config::{Classes, LovaszHingeConfig, LovaszSigmoidConfig, LovaszSoftmaxConfig, Reduction};
 pub use cross_entropy::{cross_entropy, CrossEntropyConfig};
 #[doc(hidden)]
 pub use input::force_host_copy;
 pub use jaccard::lovasz_grad;
+pub use kernel::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub use softmax::{lovasz_softmax, lovasz_softmax_weights, lovasz_softmax_with_logits};

@@ -5,7 +5,7 @@ use candle::{bail, Result, Tensor};
 use crate::config::{Classes, LovaszSoftmaxConfig};
 use crate::extension::{LossSpec, Prepared};
 use crate::input::{check_label_dims, check_not_empty, host_copy_forced, upcast, HostLabels};
-use crate::weights::{ClassEntry, ErrorKind, Selection};
+use crate::kernel::{ClassEntry, ErrorKind, Selection};
 
 /// Lovász-Softmax loss: the Lovász extension of the Jaccard loss of each class applied to
 /// the errors `|1[y = c] - p_c|`, averaged over classes (and over images if `per_image`).

@@ -69,7 +69,7 @@ pub(crate) fn working<T: ZeroBits>(v: &mut Vec<T>, n: usize) {
     v.truncate(n);
 }
 
-/// The most working memory, in bytes, kept between calls (see the module docs).
+/// The most working memory, in bytes, kept between calls (see the crate docs, "Memory").
 pub const CACHE_MAX_BYTES: usize = 16 << 20;
 
 /// Working buffers kept between calls, and their total size in bytes.

@@ -1,0 +1,109 @@
+//! The keys of a job's pixels, in pixel order: each error packed with its pixel index,
+//! slope and foreground bits ([`crate::kernel::keys`]). Void pixels, and in the hinge's
+//! linear form errors `<= 0`, get no key; the NaN scan of the input rides along.
+
+use std::ops::Range;
+
+use crate::input::VOID;
+use crate::kernel::keys::{index_shift, Real};
+use crate::kernel::problem::{ErrorKind, Problem};
+/// Writes the keys of the group-local pixels `pixels` (pixel `i` of the group is pixel
+/// `i % S` of image `first_image + i / S`) for one class, in pixel order, at the start
+/// of `out` (at least as long as `pixels`); returns how many were kept, and whether an
+/// input value read was NaN (void pixels included).
+pub(crate) fn build_keys<T: Real>(
+    p: &Problem<T>,
+    first_image: usize,
+    pixels: Range<usize>,
+    class: u32,
+    channel: usize,
+    out: &mut [T::Packed],
+) -> (usize, bool) {
+    let s_n = p.spatial;
+    let drop_nonpositive = p.drops_nonpositive();
+    let mut at = pixels.start;
+    let (mut kept, mut nan) = (0, false);
+    while at < pixels.end {
+        let (li, i0) = (at / s_n, at % s_n);
+        let i1 = s_n.min(i0 + pixels.end - at);
+        let b = first_image + li;
+        let x = &p.data[(b * p.channels + channel) * s_n..][i0..i1];
+        let labels = &p.labels[b * s_n..][i0..i1];
+        let base = (li << index_shift(s_n) | i0) as u32;
+        let out = &mut out[kept..];
+        let (k, n) = match p.kind {
+            ErrorKind::Abs => push_keys(out, x, labels, class, base, false, |x, fg| {
+                ErrorKind::Abs.error(x, fg)
+            }),
+            ErrorKind::Hinge => {
+                push_keys(out, x, labels, class, base, drop_nonpositive, |x, fg| {
+                    ErrorKind::Hinge.error(x, fg)
+                })
+            }
+        };
+        kept += k;
+        nan |= n;
+        at += i1 - i0;
+    }
+    (kept, nan)
+}
+
+/// Appends the packed keys of one image's row `x` (labels `labels`, pixel indices from
+/// `base`), skipping void pixels and, if `drop_nonpositive`, errors `<= 0`. `error` is
+/// [`ErrorKind::error`] for one fixed kind, so the loop has no dispatch in it.
+#[inline(always)]
+fn push_keys<T: Real>(
+    out: &mut [T::Packed],
+    x: &[T],
+    labels: &[u32],
+    class: u32,
+    base: u32,
+    drop_nonpositive: bool,
+    error: impl Fn(T, bool) -> (T, bool),
+) -> (usize, bool) {
+    let out = &mut out[..x.len()];
+    // An error is NaN exactly when its input is: the NaN scan of the input rides along.
+    // A plain map the compiler can keep branch-free, counting the keys to drop.
+    let (mut nan, mut dropped) = (false, 0usize);
+    for (o, (i, (&x, &l))) in out.iter_mut().zip(x.iter().zip(labels).enumerate()) {
+        let fg = l == class;
+        let (err, slope) = error(x, fg);
+        *o = T::pack(err, base + i as u32, slope, fg);
+        nan |= err.is_nan();
+        dropped += usize::from(is_dropped(drop_nonpositive, l, err));
+    }
+    if dropped == 0 {
+        return (x.len(), nan);
+    }
+    // Then the kept keys move to the front, in order (their errors read back from the
+    // keys, which hold their bits exactly).
+    let end = keep_in_order::<T>(out, |i, key| {
+        !is_dropped(drop_nonpositive, labels[i], T::error(key))
+    });
+    (end, nan)
+}
+
+/// Whether a pixel with label `label` and error `err` gets no key: void, or (with
+/// `drop_nonpositive`, see [`Problem::drops_nonpositive`]) an error `<= 0`. That is false
+/// for a NaN error, which reaches the walk like any other. Without a branch.
+#[inline(always)]
+pub(crate) fn is_dropped<T: Real>(drop_nonpositive: bool, label: u32, err: T) -> bool {
+    (label == VOID) | (drop_nonpositive & (err <= T::zero()))
+}
+
+/// Moves the keys for which `keep(position, key)` holds to the front of `keys`, in order,
+/// and returns how many there are. Every key is copied and the end moves past it only if
+/// it is kept: no branch on `keep`.
+#[inline(always)]
+pub(crate) fn keep_in_order<T: Real>(
+    keys: &mut [T::Packed],
+    keep: impl Fn(usize, T::Packed) -> bool,
+) -> usize {
+    let mut end = 0;
+    for i in 0..keys.len() {
+        let key = keys[i];
+        keys[end] = key;
+        end += usize::from(keep(i, key));
+    }
+    end
+}

@@ -1,0 +1,50 @@
+//! The weight kernel: for every (group, class) of a loss, the Lovász weight of each pixel.
+//!
+//! For one group of pixels (an image, or the whole batch) and one class, the Lovász
+//! extension of the Jaccard loss is `Σ_k e_π(k) g_k` with `π` sorting the errors in
+//! decreasing order and `g` the Jaccard gradient of the sorted ground truth (Berman et al.,
+//! CVPR 2018, Eq. 9 and Alg. 1). The reference holds `g` constant, so the loss is linear
+//! in the errors with one weight per pixel and class; every class mean, class weight and
+//! image mean folds into that weight.
+//!
+//! Each error is itself affine in the input where it is differentiable
+//! (`|fg - p| = s (fg - p)` with `s = ±1`; a positive hinge error is `1 - x t`), so the
+//! kernel can also return, instead of the weights `W`, coefficients `A` and one offset `K`
+//! per group with `Σ W ⊙ errors = K + Σ A ⊙ input`: the loss is then a single multiply and
+//! sum, and its gradient is `A`.
+//!
+//! # The path of one call
+//!
+//! [`crate::extension`] describes the loss as a [`Problem`] on host slices and calls
+//! [`solve`], the CPU backend's entry ([`cpu`]):
+//!
+//! 1. [`plan`]: the groups, the merged classes, and from the label counts
+//!    ([`cpu::label_counts`]) one job per (group, class) with its foreground count `G`
+//!    and the factor on its weights.
+//! 2. [`cpu::job`], for each job on a rayon thread (or on all of them, split, when
+//!    there are fewer jobs than threads):
+//!    - [`cpu::build_keys`] packs each pixel's error, index, slope and foreground bits
+//!      into one integer ([`keys`]), void pixels left out;
+//!    - [`cpu::prune`] leaves out the background keys of weight exactly 0 when a sample
+//!      says that pays;
+//!    - [`cpu::sort`] sorts them: [`cpu::radix`] on one thread, [`cpu::partition`] on
+//!      all threads, leaving the result across two buffers ([`cpu::sorted`]);
+//!    - [`cpu::walk`] steps the closed-form Jaccard gradient ([`jaccard_walk`]) along
+//!      the sorted keys and writes each pixel's output ([`problem::ErrorKind::linear`]).
+//! 3. The per-group offsets and losses are summed into [`Solved`].
+//!
+//! Working memory lives in [`cpu::buffer`]. A device backend (`kernel/cuda/`, to come)
+//! takes the same [`Problem`] description and plan and returns the same [`Solved`]
+//! outputs; the key format, the plan and the closed form are shared.
+
+pub(crate) mod cpu;
+pub(crate) mod jaccard_walk;
+pub(crate) mod keys;
+pub(crate) mod plan;
+pub(crate) mod problem;
+
+pub use cpu::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
+pub(crate) use cpu::{solve, HostSort};
+pub(crate) use jaccard_walk::JaccardWalk;
+pub(crate) use keys::Real;
+pub(crate) use problem::{ClassEntry, ErrorKind, Output, Problem, Selection, Solved};

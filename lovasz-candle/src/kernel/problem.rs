@@ -1,0 +1,167 @@
+//! What the kernel is asked and what it returns: the loss described on host slices
+//! ([`Problem`], [`Selection`]), how each pixel's error is formed from its input and
+//! ground truth ([`ErrorKind`]), and the per-pixel output ([`Output`], [`Solved`]).
+
+use crate::kernel::keys::Real;
+
+/// How a pixel's error is formed from its input value `x` and whether it is foreground.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrorKind {
+    /// `|fg - x|` with `x` a probability (Lovász-Softmax and Lovász-Sigmoid).
+    Abs,
+    /// `relu(1 - x t)` with `x` a logit and `t = ±1` (Lovász hinge); sorted unclamped.
+    Hinge,
+}
+
+/// What the kernel writes per pixel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// Coefficients `A` with `loss = K + Σ A ⊙ x` (see [`crate::kernel`]).
+    Linear,
+    /// The weights `W` themselves: `loss = Σ W ⊙ errors`.
+    Weights,
+}
+
+/// One class of the loss: its label value, the input channel holding its scores, and its
+/// weight in the class mean.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ClassEntry {
+    pub class: u32,
+    pub channel: usize,
+    pub weight: f64,
+}
+
+/// The classes averaged over in each group.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Selection {
+    pub entries: Vec<ClassEntry>,
+    /// Skip, per group, the classes without a non-void ground-truth pixel.
+    pub only_present: bool,
+}
+
+/// A loss to weigh: inputs `[B, C, S]` and labels `[B, S]` as host slices.
+pub(crate) struct Problem<'a, T> {
+    pub data: &'a [T],
+    /// Labels with void pixels set to [`VOID`](crate::input::VOID).
+    pub labels: &'a [u32],
+    pub batch: usize,
+    pub channels: usize,
+    pub spatial: usize,
+    pub per_image: bool,
+    pub kind: ErrorKind,
+    pub output: Output,
+    /// A factor applied to every group (e.g. `1 / B` for a mean over images).
+    pub group_scale: f64,
+}
+
+impl<T> Problem<'_, T> {
+    /// Whether keys with errors `<= 0` are left out: a hinge error `<= 0` has relu weight
+    /// 0 and sorts after every positive one, so it changes no other pixel's rank; in
+    /// linear mode such pixels are left out (their coefficient stays 0). The weights `W`
+    /// need every pixel.
+    pub(crate) fn drops_nonpositive(&self) -> bool {
+        self.kind == ErrorKind::Hinge && self.output == Output::Linear
+    }
+}
+
+/// The kernel's result: per-pixel values `[B, C, S]` (zero where no class job wrote), and
+/// per group the offset `K` and the loss `Σ W ⊙ errors` in f64 (both zero in
+/// [`Output::Weights`] mode).
+pub(crate) struct Solved<T> {
+    pub values: Vec<T>,
+    pub offsets: Vec<f64>,
+    pub losses: Vec<f64>,
+    /// Whether an input value the jobs read was NaN.
+    pub nan: bool,
+    /// The rows `b * C + c` of the input that no job read (channels of classes not
+    /// counted in a group): a NaN there is not seen by `nan`.
+    pub unread_rows: Vec<usize>,
+}
+
+impl ErrorKind {
+    /// The error of input `x` and the slope bit: for `Abs`, whether `target - x >= 0`
+    /// (the error is `target - x`, else `x - target`); for `Hinge`, whether the error is
+    /// positive (else relu clamps it to 0).
+    #[inline]
+    pub(crate) fn error<T: Real>(self, x: T, fg: bool) -> (T, bool) {
+        // Sign flips and bit tricks rather than branches on a label that is close to
+        // random in pixel order; the results are the same bits as `1 - x`, `x`, `1 + x`.
+        match self {
+            ErrorKind::Abs => {
+                let d = T::indicator(fg) - x;
+                (d.abs(), d >= T::zero())
+            }
+            ErrorKind::Hinge => {
+                let e = T::from_f64(1.0) + x.neg_if(fg);
+                (e, e > T::zero())
+            }
+        }
+    }
+
+    /// For weight `w` of a pixel with error `err` (clamped by the caller's key), slope bit
+    /// and ground truth: `(w a, w k, w e)` with `e = k + a x` the clamped error near `x`.
+    ///
+    /// With `MIXED` (the walk's ground truth close to random, as in a binary loss), by
+    /// sign flips and products with 0 / 1 rather than branches on the slope and
+    /// ground-truth bits; the results are the same.
+    #[inline(always)]
+    pub(crate) fn linear<const MIXED: bool>(
+        self,
+        w: f64,
+        err: f64,
+        slope: bool,
+        fg: bool,
+    ) -> (f64, f64, f64) {
+        if MIXED {
+            let target = f64::indicator(fg);
+            return match self {
+                // slope: e = t - x, else e = x - t.
+                ErrorKind::Abs => {
+                    let a = w.neg_if(slope);
+                    (a, -a * target, w * err)
+                }
+                // slope: e = 1 - x t = 1 + x (-t), else the clamped error is 0 (+0.0 in all
+                // three, whatever `err` is, as the branched form gives).
+                ErrorKind::Hinge => {
+                    let mask = 0u64.wrapping_sub(u64::from(slope));
+                    let on = |v: f64| f64::from_bits(v.to_bits() & mask);
+                    (on(w.neg_if(fg)), on(w), on(w * err))
+                }
+            };
+        }
+        let target = if fg { 1.0 } else { 0.0 };
+        match (self, slope) {
+            (ErrorKind::Abs, true) => (-w, w * target, w * err),
+            (ErrorKind::Abs, false) => (w, -w * target, w * err),
+            (ErrorKind::Hinge, true) => (if fg { -w } else { w }, w, w * err),
+            (ErrorKind::Hinge, false) => (0.0, 0.0, 0.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blended_coefficients_match_branched_ones() {
+        for kind in [ErrorKind::Abs, ErrorKind::Hinge] {
+            for (w, err) in [
+                (0.25, 0.75),
+                (1e-9, 1.5),
+                (3.0, 0.0),
+                (0.5, -0.0),
+                (2.0, f64::NAN),
+            ] {
+                for slope in [false, true] {
+                    for fg in [false, true] {
+                        let bits = |c: (f64, f64, f64)| [c.0, c.1, c.2].map(f64::to_bits);
+                        let branched = bits(kind.linear::<false>(w, err, slope, fg));
+                        let blended = bits(kind.linear::<true>(w, err, slope, fg));
+                        assert_eq!(branched, blended, "{kind:?} {w} {err} {slope} {fg}");
+                    }
+                }
+            }
+        }
+    }
+}
