@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use datasets::{Dataset, Split};
 use tracing::info;
 
-use crate::checkpoint::{write_json, MODEL_FILE};
+use crate::atomic_file::write_json;
+use crate::checkpoint::MODEL_FILE;
 use crate::data::{open_split, DataSpec};
 use crate::device::{device_name, DeviceChoice};
 use crate::eval::{check_compatible, confusion, percent, EvalReport};

@@ -12,7 +12,8 @@
 //! - [`train`]: the loss schedule, the epoch loop, checkpoints and resumption;
 //! - [`compare`]: CE vs CE → CE+Lovász vs CE+Lovász on the test split, over seeds;
 //! - [`eval`], [`visualise`], [`plot`]: metrics, prediction images and curves;
-//! - [`checkpoint`]: the run folder's files, written atomically;
+//! - [`checkpoint`]: the run folder's files, the training state and its checkpoints;
+//! - [`atomic_file`]: writing files atomically (temporary name + rename), reading JSON;
 //! - [`data`], [`device`], [`cli`]: data set and device choice, the command line.
 //!
 //! ```no_run
@@ -23,6 +24,7 @@
 //! # Ok::<(), unet_example::Error>(())
 //! ```
 
+pub mod atomic_file;
 pub mod checkpoint;
 pub mod cli;
 pub mod compare;

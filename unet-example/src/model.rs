@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::write_atomically;
+use crate::atomic_file::write_atomically;
 use crate::layers::{conv1x1, conv3x3, conv_transpose2x2, max_pool2x2, BatchNorm, GroupNorm};
 use crate::{Error, Result};
 

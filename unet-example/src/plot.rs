@@ -45,7 +45,7 @@ pub fn curves(
     draw(&mut buf, history, switch, title).map_err(|e| err(e.to_string()))?;
     let img = image::RgbImage::from_raw(WIDTH, HEIGHT, buf)
         .ok_or_else(|| err("buffer size mismatch".to_string()))?;
-    crate::checkpoint::write_atomically(path, |tmp| {
+    crate::atomic_file::write_atomically(path, |tmp| {
         img.save_with_format(tmp, image::ImageFormat::Png)
             .map_err(|source| Error::Image {
                 path: path.to_path_buf(),

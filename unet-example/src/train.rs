@@ -16,9 +16,10 @@ use lovasz_candle::{
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
+use crate::atomic_file::{read_json, write_bytes, write_json};
 use crate::checkpoint::{
-    self, checkpoint_name, read_json, write_bytes, write_json, TrainState, CONFIG_FILE,
-    CURVES_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, STATE_FILE, SUMMARY_FILE,
+    self, checkpoint_name, TrainState, CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE,
+    PREDICTIONS_FILE, STATE_FILE, SUMMARY_FILE,
 };
 use crate::data::{open_split, DataInfo, DataSpec, Normalisation};
 use crate::eval::{confusion, percent, EvalReport};
