@@ -483,7 +483,7 @@ fn predict(args: PredictArgs) -> Result<()> {
         args.checkpoint
             .join(format!("predictions-{}.png", args.split))
     });
-    let indices = crate::train::spread(ds.len(), args.count);
+    let indices = visualise::spread(ds.len(), args.count);
     visualise::prediction_grid(
         &model,
         &*ds,

@@ -9,7 +9,8 @@
 //! - [`model`]: the U-Net (depth, width, batch or group norm, transposed-conv up path);
 //! - [`layers`]: its convolutions and norms in a channel-first layout, fast on a CPU;
 //! - [`optim`]: AdamW with exportable moments and the cosine schedule;
-//! - [`train`]: the loss schedule, the epoch loop, checkpoints and resumption;
+//! - [`train`]: the loss schedule and options, the trainer (new, resumed or forked
+//!   runs), the epoch loop, the per-epoch records and the final summary;
 //! - [`compare`]: CE vs CE → CE+Lovász vs CE+Lovász on the test split, over seeds;
 //! - [`eval`], [`visualise`], [`plot`]: metrics, prediction images and curves;
 //! - [`checkpoint`]: the run folder's files, the training state and its checkpoints;
