@@ -10,19 +10,20 @@
 //! metrics.csv, summary.json, curves.png, predictions.png
 //! ```
 //!
-//! Every file is written to a temporary name and renamed over the old one, so readers
-//! see the old or the new version, never a partial one. The checkpoint file has a new
-//! name each epoch and `train_state.json`, renamed last, says which one is current: a
-//! crash between the two renames leaves the previous state valid.
+//! Every file is written to a temporary name and renamed over the old one (see
+//! [`crate::atomic_file`]), so readers see the old or the new version, never a partial
+//! one. The checkpoint file has a new name each epoch and `train_state.json`, renamed
+//! last, says which one is current: a crash between the two renames leaves the previous
+//! state valid.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle::{Device, Tensor};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::train::EpochRecord;
+use crate::atomic_file::{read_json, write_atomically, write_json};
+use crate::train::record::EpochRecord;
 use crate::{Error, Result};
 
 /// `config.json`.
@@ -39,40 +40,6 @@ pub const SUMMARY_FILE: &str = "summary.json";
 pub const CURVES_FILE: &str = "curves.png";
 /// `predictions.png`.
 pub const PREDICTIONS_FILE: &str = "predictions.png";
-
-/// Calls `write` with a temporary path next to `path`, then renames it to `path`.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".to_string());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let result =
-        write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Writes `bytes` to `path` atomically.
-pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomically(path, |tmp| {
-        std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e))
-    })
-}
-
-/// Writes `value` as pretty JSON to `path` atomically.
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::json(path, e))?;
-    write_bytes(path, (text + "\n").as_bytes())
-}
-
-/// Reads JSON from `path`.
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::json(path, e))
-}
 
 /// `train_state.json`: everything besides tensors that a resumed run needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -141,19 +108,6 @@ pub fn checkpoint_name(epoch: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn atomic_write_replaces_and_cleans_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.txt");
-        write_bytes(&p, b"one").unwrap();
-        write_bytes(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        let failed = write_atomically(&p, |_| Err(Error::Usage("boom".into())));
-        assert!(failed.is_err());
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
 
     #[test]
     fn missing_state_is_a_clear_error() {

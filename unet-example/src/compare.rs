@@ -11,7 +11,7 @@ use candle::Device;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use crate::checkpoint::{write_bytes, write_json};
+use crate::atomic_file::{write_bytes, write_json};
 use crate::eval::EvalReport;
 use crate::train::{Outcome, RunOptions, Schedule, Summary, TrainConfig, Trainer};
 use crate::{Error, Result};
@@ -153,7 +153,7 @@ pub fn compare(
 }
 
 fn read_back(out: &Path) -> Result<CompareReport> {
-    crate::checkpoint::read_json(&out.join("compare.json"))
+    crate::atomic_file::read_json(&out.join("compare.json"))
 }
 
 /// Mean and sample standard deviation (0 for one value); `None` when empty.

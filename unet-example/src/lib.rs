@@ -6,14 +6,18 @@
 //! The binary (`unet-example train | compare | eval | predict`) is a thin layer over this
 //! library, so tests drive the same code:
 //!
-//! - [`model`]: the U-Net (depth, width, batch or group norm, transposed-conv up path);
+//! - [`model`]: the U-Net (depth, width, batch or group norm, transposed-conv up path):
+//!   its configuration, its blocks and the seeded initialiser;
 //! - [`layers`]: its convolutions and norms in a channel-first layout, fast on a CPU;
 //! - [`optim`]: AdamW with exportable moments and the cosine schedule;
-//! - [`train`]: the loss schedule, the epoch loop, checkpoints and resumption;
+//! - [`train`]: the loss schedule and options, the trainer (new, resumed or forked
+//!   runs), the epoch loop, the per-epoch records and the final summary;
 //! - [`compare`]: CE vs CE → CE+Lovász vs CE+Lovász on the test split, over seeds;
 //! - [`eval`], [`visualise`], [`plot`]: metrics, prediction images and curves;
-//! - [`checkpoint`]: the run folder's files, written atomically;
-//! - [`data`], [`device`], [`cli`]: data set and device choice, the command line.
+//! - [`checkpoint`]: the run folder's files, the training state and its checkpoints;
+//! - [`atomic_file`]: writing files atomically (temporary name + rename), reading JSON;
+//! - [`data`], [`device`]: data set and device choice;
+//! - [`cli`]: the command line's arguments and its commands.
 //!
 //! ```no_run
 //! use unet_example::train::{RunOptions, TrainConfig, Trainer};
@@ -23,6 +27,7 @@
 //! # Ok::<(), unet_example::Error>(())
 //! ```
 
+pub mod atomic_file;
 pub mod checkpoint;
 pub mod cli;
 pub mod compare;

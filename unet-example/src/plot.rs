@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::train::EpochRecord;
+use crate::train::record::EpochRecord;
 use crate::{Error, Result};
 
 /// DejaVu Sans 2.37 (Debian's fonts-dejavu-core; licence in `assets/`).
@@ -45,7 +45,7 @@ pub fn curves(
     draw(&mut buf, history, switch, title).map_err(|e| err(e.to_string()))?;
     let img = image::RgbImage::from_raw(WIDTH, HEIGHT, buf)
         .ok_or_else(|| err("buffer size mismatch".to_string()))?;
-    crate::checkpoint::write_atomically(path, |tmp| {
+    crate::atomic_file::write_atomically(path, |tmp| {
         img.save_with_format(tmp, image::ImageFormat::Png)
             .map_err(|source| Error::Image {
                 path: path.to_path_buf(),
@@ -183,7 +183,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::Phase;
+    use crate::train::schedule::Phase;
 
     #[test]
     fn draws_a_png() {

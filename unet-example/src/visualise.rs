@@ -1,5 +1,5 @@
 //! Colourised predictions as PNG: grids of image | ground truth | prediction for a data
-//! set, and a mask for a single image file.
+//! set (the rows chosen by [`spread`]), and a mask for a single image file.
 
 use std::path::Path;
 
@@ -15,6 +15,16 @@ use crate::{Error, Result};
 const GAP: u32 = 4;
 /// Panels smaller than this (longer side) are enlarged by an integer factor.
 const MIN_PANEL: usize = 160;
+
+/// `k` indices spread evenly over `0..n`.
+pub fn spread(n: usize, k: usize) -> Vec<usize> {
+    if k == 0 || n == 0 {
+        return Vec::new();
+    }
+    (0..k.min(n))
+        .map(|i| (2 * i + 1) * n / (2 * k.min(n)))
+        .collect()
+}
 
 /// Writes a PNG with one row per index of `dataset`: the image, the ground-truth mask
 /// and the model's prediction, masks coloured with `palette` (void in VOC's beige).
@@ -177,6 +187,13 @@ fn tile(rows: &[[RgbImage; 3]]) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spread_picks_distinct_indices() {
+        assert_eq!(spread(30, 3), vec![5, 15, 25]);
+        assert_eq!(spread(2, 5), vec![0, 1]);
+        assert!(spread(0, 3).is_empty());
+    }
 
     #[test]
     fn tile_enlarges_and_spaces_panels() {

@@ -1,124 +1,21 @@
-//! The U-Net (Ronneberger et al., 2015): `depth` levels of conv–norm–ReLU pairs,
-//! max-pooling down, 2×2 transposed convolutions up, skip connections by concatenation,
-//! and a 1×1 convolution to class logits at the input resolution. The layers are those
-//! of [`crate::layers`]; parameters live in a candle-nn [`VarMap`] under candle-nn's names
-//! (`down.0.conv1.weight`, `down.0.norm1.running_var`, `up.2.upconv.bias`, `head.weight`).
-//!
-//! Weights are drawn from a seeded generator (candle's own initialisers are not
-//! seedable), so a seed fixes the initial model on every run and every device.
+//! The U-Net's blocks (conv–norm–ReLU pairs, transposed convolutions) and the [`UNet`]
+//! itself: construction from a seed, the forward pass, prediction at any image size,
+//! its tensors by name, saving and loading.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use candle::{DType, Device, Shape, Tensor, Var};
+use candle::{DType, Device, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::write_atomically;
+use super::config::{Norm, UNetConfig};
+use super::init::{lock, SeededInit};
+use crate::atomic_file::write_atomically;
 use crate::layers::{conv1x1, conv3x3, conv_transpose2x2, max_pool2x2, BatchNorm, GroupNorm};
 use crate::{Error, Result};
-
-/// The normalisation after each convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum Norm {
-    /// Batch normalisation: batch statistics in training, running statistics (saved in
-    /// the checkpoint) in evaluation.
-    Batch,
-    /// Group normalisation with this many groups (must divide every width); no running
-    /// statistics, the same computation in training and evaluation.
-    Group {
-        /// Number of channel groups.
-        groups: usize,
-    },
-}
-
-impl std::str::FromStr for Norm {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "batch" | "bn" => Ok(Norm::Batch),
-            "group" | "gn" => Ok(Norm::Group { groups: 4 }),
-            other => match other.strip_prefix("group:").map(str::parse::<usize>) {
-                Some(Ok(groups)) => Ok(Norm::Group { groups }),
-                _ => Err(Error::Usage(format!(
-                    "unknown normalisation {s:?}: expected batch, group or group:G"
-                ))),
-            },
-        }
-    }
-}
-
-/// The shape of a [`UNet`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UNetConfig {
-    /// Image channels of the input (1 for the brain slices, 3 for RGB).
-    pub in_channels: usize,
-    /// Number of classes `C` of the output logits.
-    pub num_classes: usize,
-    /// Number of resolution levels (the input is pooled `depth - 1` times), at least 1.
-    pub depth: usize,
-    /// Channels of the first level; level `i` has `base_width · 2^i`.
-    pub base_width: usize,
-    /// Normalisation after each convolution.
-    pub norm: Norm,
-}
-
-impl Default for UNetConfig {
-    /// The pilot's network: widths 8/16/32/64, batch norm, 1 channel, 15 classes.
-    fn default() -> Self {
-        UNetConfig {
-            in_channels: 1,
-            num_classes: 15,
-            depth: 4,
-            base_width: 8,
-            norm: Norm::Batch,
-        }
-    }
-}
-
-impl UNetConfig {
-    /// Checks the options: positive sizes, a depth of at most 8, group counts that divide
-    /// every width.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Usage(m));
-        if self.in_channels == 0 || self.num_classes < 2 {
-            return bad(format!(
-                "the model needs at least 1 input channel and 2 classes, got {} and {}",
-                self.in_channels, self.num_classes
-            ));
-        }
-        if !(1..=8).contains(&self.depth) {
-            return bad(format!("depth {} is not in 1..=8", self.depth));
-        }
-        if self.base_width == 0 {
-            return bad("base width must be at least 1".to_string());
-        }
-        if let Norm::Group { groups } = self.norm {
-            if groups == 0 || self.base_width % groups != 0 {
-                return bad(format!(
-                    "group norm with {groups} groups needs a base width divisible by {groups}, got {}",
-                    self.base_width
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Channels of level `i`.
-    pub fn width(&self, level: usize) -> usize {
-        self.base_width << level
-    }
-
-    /// Image sides must be multiples of this (`2^(depth - 1)`).
-    pub fn size_multiple(&self) -> usize {
-        1 << (self.depth - 1)
-    }
-}
 
 enum NormLayer {
     Batch(BatchNorm),
@@ -454,91 +351,6 @@ impl UNet {
 
 fn is_running_stat(name: &str) -> bool {
     name.ends_with("running_mean") || name.ends_with("running_var")
-}
-
-fn lock(varmap: &VarMap) -> std::sync::MutexGuard<'_, HashMap<String, Var>> {
-    // A poisoned lock only means another thread panicked mid-update; the map is intact.
-    varmap.data().lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A VarBuilder backend that creates missing variables in a [`VarMap`] from a seeded
-/// generator, following candle-nn's initialisation hints.
-struct SeededInit {
-    varmap: VarMap,
-    rng: Mutex<ChaCha8Rng>,
-}
-
-impl candle_nn::var_builder::SimpleBackend for SeededInit {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        init: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle::Result<Tensor> {
-        let mut data = lock(&self.varmap);
-        if let Some(var) = data.get(name) {
-            if var.shape() != &shape {
-                candle::bail!("shape mismatch on {name}: {shape:?} <> {:?}", var.shape())
-            }
-            return Ok(var.as_tensor().clone());
-        }
-        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let values = sample_init(init, &shape, &mut *rng);
-        let var = Var::from_tensor(&Tensor::from_vec(values, shape, dev)?.to_dtype(dtype)?)?;
-        let tensor = var.as_tensor().clone();
-        data.insert(name.to_string(), var);
-        Ok(tensor)
-    }
-
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle::Result<Tensor> {
-        candle::bail!("the U-Net builder needs a shape for {name}")
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        lock(&self.varmap).contains_key(name)
-    }
-}
-
-/// Values of a tensor of `shape` drawn as candle-nn's `Init` describes.
-fn sample_init(init: Init, shape: &Shape, rng: &mut impl Rng) -> Vec<f32> {
-    let n = shape.elem_count();
-    let uniform = |lo: f64, up: f64, rng: &mut dyn FnMut() -> f64| -> Vec<f32> {
-        (0..n).map(|_| (lo + (up - lo) * rng()) as f32).collect()
-    };
-    let mut unit = || rng.random::<f64>();
-    match init {
-        Init::Const(v) => vec![v as f32; n],
-        Init::Uniform { lo, up } => uniform(lo, up, &mut unit),
-        Init::Randn { mean, stdev } => normals(n, mean, stdev, &mut unit),
-        Init::Kaiming {
-            dist,
-            fan,
-            non_linearity,
-        } => {
-            let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
-            match dist {
-                candle_nn::init::NormalOrUniform::Uniform => {
-                    let bound = 3f64.sqrt() * std;
-                    uniform(-bound, bound, &mut unit)
-                }
-                candle_nn::init::NormalOrUniform::Normal => normals(n, 0.0, std, &mut unit),
-            }
-        }
-    }
-}
-
-/// `n` normal draws by Box–Muller from uniform draws in `[0, 1)`.
-fn normals(n: usize, mean: f64, std: f64, unit: &mut dyn FnMut() -> f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u1 = unit().max(f64::MIN_POSITIVE);
-            let u2 = unit();
-            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-            (mean + std * z) as f32
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,221 @@
+//! The commands: [`run`] carries out a parsed command line (`train`, `compare`, `eval`,
+//! `predict`); [`load_run`] reads a trained run back.
+
+use std::path::Path;
+
+use datasets::{Dataset, Split};
+use tracing::info;
+
+use super::args::{
+    default_output, Cli, Command, CompareArgs, EvalArgs, PredictArgs, RuntimeArgs, TrainArgs,
+};
+use crate::atomic_file::write_json;
+use crate::checkpoint::MODEL_FILE;
+use crate::data::{open_split, DataSpec};
+use crate::device::device_name;
+use crate::eval::{check_compatible, confusion, percent, EvalReport};
+use crate::model::UNet;
+use crate::train::{Outcome, RunConfig, RunOptions, Schedule, Trainer};
+use crate::{compare, visualise, Error, Result};
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train(args),
+        Command::Compare(args) => compare_cmd(args),
+        Command::Eval(args) => eval(args),
+        Command::Predict(args) => predict(args),
+    }
+}
+
+fn options(runtime: &RuntimeArgs) -> RunOptions {
+    RunOptions {
+        progress: !runtime.quiet,
+        ..Default::default()
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let device = args.runtime.device.open()?;
+    let mut options = options(&args.runtime);
+    options.stop_after_epochs = args.stop_after_epochs;
+    options.overwrite = args.overwrite;
+    let mut trainer = match &args.resume {
+        Some(dir) => Trainer::resume(dir, &device, options)?,
+        None => {
+            let cfg = args.training.config(args.schedule);
+            let out = args.output.clone().unwrap_or_else(|| default_output(&cfg));
+            let t = Trainer::new(cfg, &device, Some(&out), options)?;
+            info!(
+                "training a {}-parameter U-Net on {} ({}), writing to {}",
+                t.model().num_parameters(),
+                t.config().train.dataset,
+                device_name(&device),
+                out.display()
+            );
+            t
+        }
+    };
+    let dir = trainer.output().map(Path::to_path_buf).unwrap_or_default();
+    match trainer.run()? {
+        Outcome::Finished(summary) => {
+            println!("{}", summary.test.table());
+            for st in &summary.step_seconds {
+                println!(
+                    "{:>10}: {:.3} s/step over {} steps",
+                    st.phase.name(),
+                    st.seconds,
+                    st.steps
+                );
+            }
+            println!(
+                "test mIoU {}% after {} epochs ({:.0} s); files in {}",
+                percent(summary.test.mean_iou),
+                summary.epochs,
+                summary.train_seconds,
+                dir.display()
+            );
+        }
+        Outcome::Stopped { epoch } | Outcome::Interrupted { epoch } => {
+            println!(
+                "stopped after epoch {epoch}; continue with: unet-example train --resume {}",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn compare_cmd(args: CompareArgs) -> Result<()> {
+    let device = args.runtime.device.open()?;
+    let mut options = options(&args.runtime);
+    options.overwrite = args.overwrite;
+    let base = args.training.config(Schedule::CeThenFinetune);
+    base.validate()?;
+    let report = compare::compare(&base, args.seeds, &device, &args.output, &options)?;
+    info!(
+        "compare done in {:.0} s: {}",
+        report.wall_seconds,
+        args.output.join("compare.md").display()
+    );
+    Ok(())
+}
+
+/// Reads a run folder's configuration and weights onto `device`.
+pub fn load_run(dir: &Path, device: &candle::Device) -> Result<(RunConfig, UNet)> {
+    let run = RunConfig::read(dir)?;
+    let model = UNet::new(&run.model, 0, device)?;
+    model.load(&dir.join(MODEL_FILE))?;
+    Ok((run, model))
+}
+
+fn dataset_for(
+    run: &RunConfig,
+    dataset: &Option<String>,
+    num_classes: Option<usize>,
+    split: Split,
+) -> Result<std::sync::Arc<dyn Dataset>> {
+    let (spec, k) = match dataset {
+        Some(s) => (
+            s.parse::<DataSpec>()?,
+            num_classes.or(Some(run.model.num_classes)),
+        ),
+        None => (
+            run.train.dataset.parse::<DataSpec>()?,
+            run.train.num_classes,
+        ),
+    };
+    let k = match spec {
+        // Shapes take any class count: generate the model's.
+        DataSpec::Shapes { .. } => k.or(Some(run.model.num_classes)),
+        _ => k,
+    };
+    open_split(&spec, split, k)
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let device = args.runtime.device.open()?;
+    let (run, model) = load_run(&args.checkpoint, &device)?;
+    let ds = dataset_for(&run, &args.dataset, args.num_classes, args.split)?;
+    check_compatible(&model, &*ds)?;
+    let cm = confusion(&model, &*ds, &run.normalisation, args.batch_size)?;
+    let report = EvalReport::new(&cm, &run.data.class_names, args.split.name(), ds.len());
+    let out = args
+        .output
+        .clone()
+        .unwrap_or_else(|| args.checkpoint.join(format!("eval-{}.json", args.split)));
+    write_json(&out, &report)?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::json(&out, e))?;
+        println!("{text}");
+    } else {
+        println!("{}", report.table());
+        println!("confusion matrix (rows: ground truth, columns: prediction)");
+        println!("{}", report.confusion_table());
+        println!("JSON report: {}", out.display());
+    }
+    Ok(())
+}
+
+fn predict(args: PredictArgs) -> Result<()> {
+    let device = args.runtime.device.open()?;
+    let (run, model) = load_run(&args.checkpoint, &device)?;
+    if let Some(input) = &args.input {
+        let sample = visualise::read_image(input, run.model.in_channels)?;
+        let out = args
+            .output
+            .clone()
+            .unwrap_or_else(|| input.with_extension("mask.png"));
+        let pred = visualise::write_mask(
+            &model,
+            &sample,
+            &run.normalisation,
+            &run.data.palette,
+            args.index,
+            &out,
+        )?;
+        let mut counts = vec![0usize; run.model.num_classes];
+        for &c in &pred {
+            if let Some(n) = counts.get_mut(c as usize) {
+                *n += 1;
+            }
+        }
+        println!(
+            "wrote {} ({}x{})",
+            out.display(),
+            sample.width,
+            sample.height
+        );
+        for (name, n) in run.data.class_names.iter().zip(counts) {
+            if n > 0 {
+                println!(
+                    "{name:>16}: {:5.1}%",
+                    100.0 * n as f64 / pred.len().max(1) as f64
+                );
+            }
+        }
+        return Ok(());
+    }
+    let ds = dataset_for(&run, &args.dataset, args.num_classes, args.split)?;
+    check_compatible(&model, &*ds)?;
+    let out = args.output.clone().unwrap_or_else(|| {
+        args.checkpoint
+            .join(format!("predictions-{}.png", args.split))
+    });
+    let indices = visualise::spread(ds.len(), args.count);
+    visualise::prediction_grid(
+        &model,
+        &*ds,
+        &indices,
+        &run.normalisation,
+        &run.data.palette,
+        &out,
+    )?;
+    println!(
+        "wrote {} (rows: {} {} images; columns: image | ground truth | prediction)",
+        out.display(),
+        indices.len(),
+        args.split
+    );
+    Ok(())
+}

@@ -1,0 +1,307 @@
+//! What a run trains: the loss schedule (cross-entropy first, then cross-entropy +
+//! λ·Lovász-Softmax fine-tuning), the loss of each epoch, and the training options with
+//! their validation.
+
+use lovasz_candle::{Classes, LovaszSoftmaxConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Norm, UNetConfig};
+use crate::optim::AdamWConfig;
+use crate::{Error, Result};
+
+/// Which loss each epoch optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// Cross-entropy, then cross-entropy + λ·Lovász for the last `finetune_epochs`.
+    CeThenFinetune,
+    /// Cross-entropy only.
+    Ce,
+    /// λ·Lovász-Softmax only.
+    Lovasz,
+    /// `ce_weight`·cross-entropy + λ·Lovász from the start.
+    Combined,
+}
+
+impl Schedule {
+    /// The kebab-case name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::CeThenFinetune => "ce-then-finetune",
+            Schedule::Ce => "ce",
+            Schedule::Lovasz => "lovasz",
+            Schedule::Combined => "combined",
+        }
+    }
+}
+
+/// The loss of one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Cross-entropy.
+    Ce,
+    /// λ·Lovász-Softmax.
+    Lovasz,
+    /// `ce_weight`·cross-entropy + λ·Lovász-Softmax.
+    #[serde(rename = "ce+lovasz")]
+    Combined,
+}
+
+impl Phase {
+    /// `ce`, `lovasz` or `ce+lovasz`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Ce => "ce",
+            Phase::Lovasz => "lovasz",
+            Phase::Combined => "ce+lovasz",
+        }
+    }
+}
+
+/// Which classes the Lovász-Softmax averages over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LovaszClasses {
+    /// Classes present in the ground truth of the group (the reference's default).
+    Present,
+    /// Every class.
+    All,
+}
+
+/// Everything that defines a training run (saved as `config.json` → `train`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Data set: `brain`, `shapes[:SIZE[:LEN]]`, `folder:PATH` or `voc:PATH`.
+    pub dataset: String,
+    /// Number of classes (required for folders; checked against other sources).
+    pub num_classes: Option<usize>,
+    /// Loss schedule.
+    pub schedule: Schedule,
+    /// Total epochs.
+    pub epochs: usize,
+    /// The last this many epochs fine-tune with CE + λ·Lovász (`ce-then-finetune` only).
+    pub finetune_epochs: usize,
+    /// Peak learning rate of the cosine schedule over all epochs.
+    pub lr: f64,
+    /// If set, the fine-tuning phase restarts a cosine from this rate instead of
+    /// continuing the main schedule.
+    pub finetune_lr: Option<f64>,
+    /// λ, the weight of the Lovász-Softmax loss.
+    pub lovasz_weight: f64,
+    /// The weight of cross-entropy in the combined loss.
+    pub ce_weight: f64,
+    /// Lovász-Softmax per image (else over the whole batch).
+    pub per_image: bool,
+    /// Classes the Lovász-Softmax averages over.
+    pub lovasz_classes: LovaszClasses,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Training crop `(height, width)`; `None` trains on whole images.
+    pub crop: Option<(usize, usize)>,
+    /// Probability of a horizontal flip.
+    pub hflip: f32,
+    /// Scale jitter range; with a crop (or the whole image size as crop) it also shifts.
+    pub scale: (f32, f32),
+    /// Seed of the weights, data order and augmentation.
+    pub seed: u64,
+    /// AdamW options.
+    pub adamw: AdamWConfig,
+    /// U-Net depth.
+    pub depth: usize,
+    /// U-Net base width.
+    pub base_width: usize,
+    /// U-Net normalisation.
+    pub norm: Norm,
+}
+
+impl Default for TrainConfig {
+    /// The default run on the brain slices: the pilot's network and optimiser (widths
+    /// 8/16/32/64, batch norm, AdamW 4e-3 with cosine decay, batch 4, flip and
+    /// scale/shift augmentation), CE then CE + Lovász for the last third of the epochs.
+    fn default() -> Self {
+        TrainConfig {
+            dataset: "brain".to_string(),
+            num_classes: None,
+            schedule: Schedule::CeThenFinetune,
+            epochs: 60,
+            finetune_epochs: 20,
+            lr: 4e-3,
+            finetune_lr: None,
+            lovasz_weight: 1.0,
+            ce_weight: 1.0,
+            per_image: false,
+            lovasz_classes: LovaszClasses::Present,
+            batch_size: 4,
+            crop: None,
+            hflip: 0.5,
+            scale: (0.9, 1.1),
+            seed: 0,
+            adamw: AdamWConfig::default(),
+            depth: 4,
+            base_width: 8,
+            norm: Norm::Batch,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the options that do not need the data.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Usage(m));
+        if self.epochs == 0 {
+            return bad("--epochs must be at least 1".to_string());
+        }
+        if self.schedule == Schedule::CeThenFinetune && self.finetune_epochs > self.epochs {
+            return bad(format!(
+                "--finetune-epochs {} is more than --epochs {}",
+                self.finetune_epochs, self.epochs
+            ));
+        }
+        for (name, v) in [
+            ("--lr", self.lr),
+            ("--finetune-lr", self.finetune_lr.unwrap_or(1.0)),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} must be a positive number, got {v}"));
+            }
+        }
+        for (name, v) in [
+            ("--lambda", self.lovasz_weight),
+            ("--ce-weight", self.ce_weight),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!("{name} must be >= 0, got {v}"));
+            }
+        }
+        if self.batch_size == 0 {
+            return bad("--batch-size must be at least 1".to_string());
+        }
+        if !(0.0..=1.0).contains(&self.hflip) {
+            return bad(format!("--hflip {} is not a probability", self.hflip));
+        }
+        let (lo, hi) = self.scale;
+        if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
+            return bad(format!("scale range {lo}..{hi} is not 0 < min <= max"));
+        }
+        self.model_config(1, 2).validate()?;
+        if let Some((h, w)) = self.crop {
+            let m = 1 << (self.depth.clamp(1, 8) - 1);
+            if h == 0 || w == 0 || h % m != 0 || w % m != 0 {
+                return bad(format!(
+                    "--crop {h}x{w}: a U-Net of depth {} needs sides that are positive multiples of {m}",
+                    self.depth
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The U-Net for `channels` input channels and `classes` classes.
+    pub fn model_config(&self, channels: usize, classes: usize) -> UNetConfig {
+        UNetConfig {
+            in_channels: channels,
+            num_classes: classes,
+            depth: self.depth,
+            base_width: self.base_width,
+            norm: self.norm,
+        }
+    }
+
+    /// The loss of epoch `epoch` (from 0).
+    pub fn phase(&self, epoch: usize) -> Phase {
+        match self.schedule {
+            Schedule::Ce => Phase::Ce,
+            Schedule::Lovasz => Phase::Lovasz,
+            Schedule::Combined => Phase::Combined,
+            Schedule::CeThenFinetune => {
+                if epoch + self.finetune_epochs >= self.epochs {
+                    Phase::Combined
+                } else {
+                    Phase::Ce
+                }
+            }
+        }
+    }
+
+    /// The first epoch of the fine-tuning phase (`ce-then-finetune`), for plots.
+    pub fn switch_epoch(&self) -> Option<usize> {
+        (self.schedule == Schedule::CeThenFinetune && self.finetune_epochs > 0)
+            .then(|| self.epochs - self.finetune_epochs)
+    }
+
+    /// The Lovász-Softmax options of the training loss.
+    pub(super) fn lovasz_config(&self) -> LovaszSoftmaxConfig {
+        LovaszSoftmaxConfig {
+            classes: match self.lovasz_classes {
+                LovaszClasses::Present => Classes::Present,
+                LovaszClasses::All => Classes::All,
+            },
+            per_image: self.per_image,
+            ignore_index: Some(datasets::VOID),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_of_the_default_schedule() {
+        let cfg = TrainConfig {
+            epochs: 6,
+            finetune_epochs: 2,
+            ..Default::default()
+        };
+        let phases: Vec<Phase> = (0..6).map(|e| cfg.phase(e)).collect();
+        assert_eq!(phases[..4], [Phase::Ce; 4]);
+        assert_eq!(phases[4..], [Phase::Combined; 2]);
+        assert_eq!(cfg.switch_epoch(), Some(4));
+        let ce = TrainConfig {
+            schedule: Schedule::Ce,
+            ..cfg
+        };
+        assert_eq!(ce.switch_epoch(), None);
+    }
+
+    #[test]
+    fn validation_rejects_bad_options() {
+        let ok = TrainConfig::default();
+        assert!(ok.validate().is_ok());
+        let cases = [
+            TrainConfig {
+                epochs: 0,
+                ..ok.clone()
+            },
+            TrainConfig {
+                finetune_epochs: 61,
+                ..ok.clone()
+            },
+            TrainConfig {
+                lr: -1.0,
+                ..ok.clone()
+            },
+            TrainConfig {
+                batch_size: 0,
+                ..ok.clone()
+            },
+            TrainConfig {
+                crop: Some((100, 96)),
+                ..ok.clone()
+            },
+            TrainConfig {
+                depth: 0,
+                ..ok.clone()
+            },
+            TrainConfig {
+                lovasz_weight: f64::NAN,
+                ..ok.clone()
+            },
+        ];
+        for c in cases {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+    }
+}
