@@ -6,7 +6,7 @@ use candle::{bail, Result, Tensor};
 use crate::config::{LovaszHingeConfig, LovaszSigmoidConfig, Reduction};
 use crate::extension::{LossSpec, Prepared};
 use crate::input::{check_label_dims, check_not_empty, upcast, HostLabels};
-use crate::kernel::{ClassEntry, ErrorKind, Selection};
+use crate::kernel::{ChannelOrder, ClassEntry, ErrorKind, Selection};
 
 fn prepare_binary(
     x: &Tensor,
@@ -45,6 +45,7 @@ fn prepare_binary(
                 }],
                 only_present: false,
             },
+            order: ChannelOrder::First,
         },
     })
 }

@@ -32,7 +32,7 @@ pub enum Reduction {
 /// Options of [`lovasz_softmax`](crate::lovasz_softmax).
 ///
 /// `Default` gives the reference's defaults: `classes = Present`, `per_image = false`,
-/// no ignore index, no class weights, mean reduction.
+/// no ignore index, no class weights, mean reduction; channels first.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct LovaszSoftmaxConfig {
     /// Classes to average over.
@@ -47,6 +47,12 @@ pub struct LovaszSoftmaxConfig {
     pub class_weights: Option<Vec<f32>>,
     /// How per-image losses are combined (only matters with `per_image`).
     pub reduction: Reduction,
+    /// The class axis is the last one: probabilities (or logits) `[B, *spatial, C]`, as in
+    /// TensorFlow's `BHWC` order, instead of `[B, C, *spatial]`. Labels stay
+    /// `[B, *spatial]`, and `W` comes in the input's layout. The CPU kernel reads this
+    /// layout in place; values and gradients are those of the permuted channels-first
+    /// call.
+    pub channels_last: bool,
 }
 
 /// Options of [`lovasz_hinge`](crate::lovasz_hinge) and

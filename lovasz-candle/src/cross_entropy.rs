@@ -3,9 +3,10 @@
 use candle::{bail, Result, Tensor};
 
 use crate::config::Reduction;
-use crate::input::{check_label_dims, check_not_empty, upcast, HostLabels, VOID};
+use crate::input::{check_label_dims, check_not_empty, upcast, ClassAxes, HostLabels, VOID};
 
-/// Options of [`cross_entropy`]. `Default`: no ignore index, no class weights, mean.
+/// Options of [`cross_entropy`]. `Default`: no ignore index, no class weights, mean,
+/// channels first.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CrossEntropyConfig {
     /// Label value of void pixels, which contribute nothing.
@@ -16,12 +17,16 @@ pub struct CrossEntropyConfig {
     /// convention); `Sum`: the plain sum; `None`: per-pixel losses `[B, *spatial]`, 0 at
     /// void pixels.
     pub reduction: Reduction,
+    /// The class axis is the last one: logits `[B, *spatial, C]` instead of
+    /// `[B, C, *spatial]`; labels stay `[B, *spatial]`.
+    pub channels_last: bool,
 }
 
 /// Cross-entropy of `[B, C, *spatial]` logits against `[B, *spatial]` class indices.
 ///
 /// * `logits`: `[B, C, *spatial]` unnormalised scores, f16, bf16, f32 or f64 (the log-softmax
-///   over dim 1 is taken inside, in f32 or f64).
+///   over the class axis is taken inside, in f32 or f64); `[B, *spatial, C]` with
+///   `cfg.channels_last`.
 /// * `labels`: `[B, *spatial]` u8, u32 or i64, each in `[0, C)` or `cfg.ignore_index`.
 ///
 /// Returns a scalar (or per-pixel losses with [`Reduction::None`]), f64 for f64 input and
@@ -40,13 +45,10 @@ pub struct CrossEntropyConfig {
 /// ```
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, cfg: &CrossEntropyConfig) -> Result<Tensor> {
     let dims = logits.dims();
-    if dims.len() < 2 {
-        bail!("cross_entropy: logits must be [B, C, *spatial], got shape {dims:?}")
-    }
+    let axes = ClassAxes::of(dims, cfg.channels_last, "cross_entropy", "logits")?;
     check_not_empty(logits, "logits")?;
-    let n_classes = dims[1];
-    let mut expected = vec![dims[0]];
-    expected.extend_from_slice(&dims[2..]);
+    let n_classes = axes.classes;
+    let expected = axes.label_dims();
     check_label_dims(labels, &expected, "logits", dims)?;
     let host = HostLabels::new(labels, n_classes, cfg.ignore_index, "cross_entropy labels")?;
     let class_weight = |c: usize| -> f32 { cfg.class_weights.as_ref().map_or(1.0, |w| w[c]) };
@@ -86,11 +88,11 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, cfg: &CrossEntropyConfig)
     let x = upcast(logits, "logits")?;
     let dev = x.device();
     let mut index_dims = expected.clone();
-    index_dims.insert(1, 1);
+    index_dims.insert(axes.axis, 1);
     let index = Tensor::from_vec(index, index_dims, dev)?;
     let pixel_weight = Tensor::from_vec(pixel_weight, expected, dev)?.to_dtype(x.dtype())?;
-    let log_p = candle_nn::ops::log_softmax(&x, 1)?;
-    let picked = log_p.contiguous()?.gather(&index, 1)?.squeeze(1)?;
+    let log_p = candle_nn::ops::log_softmax(&x, axes.axis)?;
+    let picked = (log_p.contiguous()?.gather(&index, axes.axis)?).squeeze(axes.axis)?;
     let per_pixel = (picked.neg()? * pixel_weight)?;
     match cfg.reduction {
         Reduction::None => Ok(per_pixel),

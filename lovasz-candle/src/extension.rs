@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 use candle::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::channel_softmax::{softmax, softmax_backward};
 use crate::config::Reduction;
 use crate::input::{host_copy_forced, with_host_slice};
-use crate::kernel::{solve, ErrorKind, HostSort, Output, Problem, Real, Selection, Solved};
+use crate::kernel::{solve, ChannelOrder, ErrorKind, HostSort, Output, Problem, Selection, Solved};
 
 /// Everything about a loss but its input tensor.
 pub(crate) struct LossSpec {
@@ -23,6 +24,8 @@ pub(crate) struct LossSpec {
     pub per_image: bool,
     pub kind: ErrorKind,
     pub selection: Selection,
+    /// Where the class axis of the input is: `[B, C, S]` or `[B, S, C]`.
+    pub order: ChannelOrder,
 }
 
 impl LossSpec {
@@ -43,6 +46,7 @@ impl LossSpec {
     ) -> Result<Solved<T>> {
         let problem = Problem {
             data,
+            order: self.order,
             labels: &self.labels,
             batch,
             channels,
@@ -56,14 +60,15 @@ impl LossSpec {
     }
 }
 
-/// A validated loss input: `x` in f32 or f64, read as `[B, C, S]`, and its [`LossSpec`].
+/// A validated loss input: `x` in f32 or f64, read as `[B, C, S]` (or `[B, S, C]`, as
+/// its spec's `order` says), and its [`LossSpec`].
 pub(crate) struct Prepared {
     /// Scores (probabilities or logits), f32 or f64, on the caller's device, in the
     /// caller's shape: a reshape in the graph would cost candle's backward pass a second
     /// zeros + add over the whole gradient.
     pub x: Tensor,
     /// `(B, C, S)`: `x` read with its spatial axes (and, for binary losses, a unit class
-    /// axis) flattened.
+    /// axis) flattened, whichever the order of the class and spatial axes.
     pub dims: (usize, usize, usize),
     pub spec: LossSpec,
 }
@@ -104,6 +109,7 @@ impl Prepared {
             groups: self.spec.groups(self.dims.0),
             dims: self.dims,
             group_scale: self.group_scale(reduction)?,
+            order: self.spec.order,
             spec: Mutex::new(Some(self.spec)),
             from_logits,
             coefficients: Mutex::new(None),
@@ -118,7 +124,14 @@ impl Prepared {
         let (batch, channels, _) = self.dims;
         let groups = offsets.len();
         // Row sums first: a two-level sum keeps f32 accuracy on millions of pixels.
-        let rows = (values * &self.x)?.reshape(self.dims)?.sum(2)?;
+        let products = values * &self.x;
+        let rows = match self.spec.order {
+            ChannelOrder::First => products?.reshape(self.dims)?.sum(2)?,
+            ChannelOrder::Last => {
+                let (b, c, s) = self.dims;
+                products?.reshape((b, s, c))?.sum(1)?
+            }
+        };
         let per_group = rows
             .reshape((groups, (batch / groups) * channels))?
             .sum(1)?;
@@ -167,58 +180,6 @@ fn sum_groups(per_group: Tensor, reduction: Reduction) -> Result<Tensor> {
     }
 }
 
-/// Softmax over the channel axis of `z` (`[B, C, S]`), one image per rayon task.
-fn softmax_channels<T: Real>(z: &[T], (_, c_n, s_n): (usize, usize, usize)) -> Vec<T> {
-    let mut p = vec![T::zero(); z.len()];
-    p.par_chunks_mut(c_n * s_n)
-        .zip(z.par_chunks(c_n * s_n))
-        .for_each(|(p, z)| {
-            let mut max = z[..s_n].to_vec();
-            for row in z.chunks(s_n).skip(1) {
-                for (m, &v) in max.iter_mut().zip(row) {
-                    // NaN propagates: it never compares greater, so keep it once seen.
-                    if v > *m || v.to_f64().is_nan() {
-                        *m = v;
-                    }
-                }
-            }
-            let mut sum = vec![T::zero(); s_n];
-            for (prow, zrow) in p.chunks_mut(s_n).zip(z.chunks(s_n)) {
-                for (((pv, &zv), &m), s) in prow.iter_mut().zip(zrow).zip(&max).zip(sum.iter_mut())
-                {
-                    *pv = (zv - m).exp();
-                    *s += *pv;
-                }
-            }
-            for prow in p.chunks_mut(s_n) {
-                for (pv, &s) in prow.iter_mut().zip(&sum) {
-                    *pv /= s;
-                }
-            }
-        });
-    p
-}
-
-/// Turns `a = ∂loss/∂p` into `∂loss/∂z` for `p = softmax(z)` over the channel axis, in
-/// place: `p_c (a_c - Σ_k p_k a_k)` at each pixel.
-fn softmax_backward<T: Real>(p: &[T], a: &mut [T], (_, c_n, s_n): (usize, usize, usize)) {
-    a.par_chunks_mut(c_n * s_n)
-        .zip(p.par_chunks(c_n * s_n))
-        .for_each(|(a, p)| {
-            let mut dot = vec![T::zero(); s_n];
-            for (arow, prow) in a.chunks(s_n).zip(p.chunks(s_n)) {
-                for ((d, &av), &pv) in dot.iter_mut().zip(arow).zip(prow) {
-                    *d += av * pv;
-                }
-            }
-            for (arow, prow) in a.chunks_mut(s_n).zip(p.chunks(s_n)) {
-                for ((av, &pv), &d) in arow.iter_mut().zip(prow).zip(&dot) {
-                    *av = pv * (*av - d);
-                }
-            }
-        });
-}
-
 /// The CPU path: one op whose forward runs the kernel and returns the per-group losses
 /// `[G]`, and whose backward multiplies the kept coefficients by the incoming gradient.
 struct FusedLovasz {
@@ -229,9 +190,11 @@ struct FusedLovasz {
     dims: (usize, usize, usize),
     /// A factor on every group's loss and coefficients (`1 / B` for a mean over images).
     group_scale: f64,
-    /// The input is logits: the op applies the softmax over dim 1 itself, and keeps the
-    /// gradient with respect to the logits.
+    /// The input is logits: the op applies the softmax over the class axis itself, and
+    /// keeps the gradient with respect to the logits.
     from_logits: bool,
+    /// Where the class axis of the input is.
+    order: ChannelOrder,
     coefficients: Mutex<Option<Tensor>>,
 }
 
@@ -246,7 +209,7 @@ impl FusedLovasz {
         }
         let probas;
         let data = if self.from_logits {
-            probas = softmax_channels(input, dims);
+            probas = softmax(input, dims, self.order);
             &probas[..]
         } else {
             input
@@ -261,7 +224,7 @@ impl FusedLovasz {
         let mut solved = spec.solve(data, dims, Output::Linear, self.group_scale)?;
         drop(spec);
         if self.from_logits {
-            softmax_backward(data, &mut solved.values, dims);
+            softmax_backward(data, &mut solved.values, dims, self.order);
         }
         let coefficients = Tensor::from_vec(solved.values, shape, &Device::Cpu)?;
         match self.coefficients.lock() {
@@ -270,12 +233,18 @@ impl FusedLovasz {
         }
         // NaN anywhere in the input gives a NaN loss, as the device path does. The kernel
         // saw the rows its jobs read; only the others are scanned here.
-        let s_n = dims.2;
+        let (c_n, s_n) = (dims.1, dims.2);
         let nan = solved.nan
             || (solved.unread_rows.par_iter()).any(|&r| {
-                data[r * s_n..(r + 1) * s_n]
-                    .iter()
-                    .any(|v| v.to_f64().is_nan())
+                let is_nan = |v: &T| v.to_f64().is_nan();
+                match self.order {
+                    ChannelOrder::First => data[r * s_n..(r + 1) * s_n].iter().any(is_nan),
+                    ChannelOrder::Last => {
+                        let (b, c) = (r / c_n, r % c_n);
+                        let image = &data[b * s_n * c_n..(b + 1) * s_n * c_n];
+                        image[c..].iter().step_by(c_n).any(is_nan)
+                    }
+                }
             });
         Ok(solved
             .losses

@@ -153,3 +153,46 @@ pub(crate) fn check_label_dims(
     }
     Ok(())
 }
+
+/// The axes of a `[B, C, *spatial]` prediction, or `[B, *spatial, C]` with
+/// `channels_last`.
+pub(crate) struct ClassAxes {
+    pub batch: usize,
+    pub classes: usize,
+    /// The spatial dims, in order (empty for `[B, C]`).
+    pub spatial: Vec<usize>,
+    /// The index of the class axis: 1, or the last.
+    pub axis: usize,
+}
+
+impl ClassAxes {
+    /// Reads the axes of `dims`, failing (for `loss` and its input `what`) below rank 2.
+    pub fn of(dims: &[usize], channels_last: bool, loss: &str, what: &str) -> Result<Self> {
+        if dims.len() < 2 {
+            let layout = if channels_last {
+                "[B, *spatial, C] (channels_last)"
+            } else {
+                "[B, C, *spatial]"
+            };
+            bail!("{loss}: {what} must be {layout}, got shape {dims:?}")
+        }
+        let axis = if channels_last { dims.len() - 1 } else { 1 };
+        let spatial = (dims.iter().enumerate())
+            .filter(|&(i, _)| i != 0 && i != axis)
+            .map(|(_, &d)| d)
+            .collect();
+        Ok(Self {
+            batch: dims[0],
+            classes: dims[axis],
+            spatial,
+            axis,
+        })
+    }
+
+    /// The dims the labels must have: `[B, *spatial]`.
+    pub fn label_dims(&self) -> Vec<usize> {
+        let mut dims = vec![self.batch];
+        dims.extend_from_slice(&self.spatial);
+        dims
+    }
+}

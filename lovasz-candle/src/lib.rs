@@ -81,6 +81,7 @@
 
 mod bce;
 mod binary;
+mod channel_softmax;
 mod config;
 mod cross_entropy;
 mod extension;

@@ -4,14 +4,17 @@ use candle::{bail, Result, Tensor};
 
 use crate::config::{Classes, LovaszSoftmaxConfig};
 use crate::extension::{LossSpec, Prepared};
-use crate::input::{check_label_dims, check_not_empty, host_copy_forced, upcast, HostLabels};
-use crate::kernel::{ClassEntry, ErrorKind, Selection};
+use crate::input::{
+    check_label_dims, check_not_empty, host_copy_forced, upcast, ClassAxes, HostLabels,
+};
+use crate::kernel::{ChannelOrder, ClassEntry, ErrorKind, Selection};
 
 /// Lovász-Softmax loss: the Lovász extension of the Jaccard loss of each class applied to
 /// the errors `|1[y = c] - p_c|`, averaged over classes (and over images if `per_image`).
 ///
 /// * `probas`: `[B, C, *spatial]` class probabilities (e.g. a softmax over dim 1), f16,
-///   bf16, f32 or f64; any number of spatial dims, including none (`[B, C]`).
+///   bf16, f32 or f64; any number of spatial dims, including none (`[B, C]`). With
+///   `cfg.channels_last`, `[B, *spatial, C]`.
 /// * `labels`: `[B, *spatial]` class indices, u8, u32 or i64, each in `[0, C)` or equal
 ///   to `cfg.ignore_index`.
 ///
@@ -41,31 +44,28 @@ pub fn lovasz_softmax(
     prepare(probas, labels, cfg)?.loss(cfg.reduction)
 }
 
-/// [`lovasz_softmax`] of `softmax(logits, dim 1)`: the softmax is taken inside, in f32 or
-/// f64, with a working gradient to `logits` (`[B, C, *spatial]`).
+/// [`lovasz_softmax`] of the softmax of `logits` over the class axis: the softmax is taken
+/// inside, in f32 or f64, with a working gradient to `logits` (`[B, C, *spatial]`, or
+/// `[B, *spatial, C]` with `cfg.channels_last`).
 pub fn lovasz_softmax_with_logits(
     logits: &Tensor,
     labels: &Tensor,
     cfg: &LovaszSoftmaxConfig,
 ) -> Result<Tensor> {
-    if logits.rank() < 2 {
-        bail!(
-            "lovasz_softmax: logits must be [B, C, *spatial], got shape {:?}",
-            logits.dims()
-        )
-    }
+    let axes = ClassAxes::of(logits.dims(), cfg.channels_last, "lovasz_softmax", "logits")?;
     let logits = upcast(logits, "logits")?;
     if logits.device().is_cpu() && !host_copy_forced() {
         // One op for softmax, loss and backward: candle's softmax over a non-last axis
         // and its backward cost several times the loss itself.
         return prepare(&logits, labels, cfg)?.loss_from_logits(cfg.reduction);
     }
-    let probas = candle_nn::ops::softmax(&logits, 1)?;
+    let probas = candle_nn::ops::softmax(&logits, axes.axis)?;
     lovasz_softmax(&probas, labels, cfg)
 }
 
 /// The weights `W` of the Lovász-Softmax loss, for advanced use: a detached tensor with
-/// the shape of `probas` (`[B, C, *spatial]`, f32, or f64 for f64 input) such that
+/// the shape and layout of `probas` (`[B, C, *spatial]`, or `[B, *spatial, C]` with
+/// `cfg.channels_last`; f32, or f64 for f64 input) such that
 /// `lovasz_softmax(probas, labels, cfg) = Σ W ⊙ |onehot(labels) - probas|`, with void
 /// pixels and classes that are not counted at weight 0 and the `1 / B` of a per-image
 /// mean folded in. Same arguments and checks as [`lovasz_softmax`].
@@ -80,15 +80,11 @@ pub fn lovasz_softmax_weights(
 
 fn prepare(probas: &Tensor, labels: &Tensor, cfg: &LovaszSoftmaxConfig) -> Result<Prepared> {
     let dims = probas.dims();
-    if dims.len() < 2 {
-        bail!("lovasz_softmax: probas must be [B, C, *spatial], got shape {dims:?}")
-    }
+    let axes = ClassAxes::of(dims, cfg.channels_last, "lovasz_softmax", "probas")?;
     check_not_empty(probas, "probas")?;
-    let (batch, n_classes) = (dims[0], dims[1]);
-    let spatial: usize = dims[2..].iter().product();
-    let mut expected = vec![batch];
-    expected.extend_from_slice(&dims[2..]);
-    check_label_dims(labels, &expected, "probas", dims)?;
+    let (batch, n_classes) = (axes.batch, axes.classes);
+    let spatial: usize = axes.spatial.iter().product();
+    check_label_dims(labels, &axes.label_dims(), "probas", dims)?;
     let x = upcast(probas, "probas")?;
     let host = HostLabels::new(labels, n_classes, cfg.ignore_index, "lovasz_softmax labels")?;
 
@@ -141,6 +137,11 @@ fn prepare(probas: &Tensor, labels: &Tensor, cfg: &LovaszSoftmaxConfig) -> Resul
             per_image: cfg.per_image,
             kind: ErrorKind::Abs,
             selection,
+            order: if cfg.channels_last {
+                ChannelOrder::Last
+            } else {
+                ChannelOrder::First
+            },
         },
     })
 }

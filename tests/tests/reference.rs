@@ -1,6 +1,7 @@
 //! Conformance to the reference: every case of `fixtures/lovasz_reference.json`, computed
 //! with the authors' PyTorch code (float64 on float32 inputs), checked in f32 and in f64,
-//! on the CPU path and on the host-copy path that CUDA and Metal take.
+//! on the CPU path and on the host-copy path that CUDA and Metal take; and the
+//! Lovász-Softmax cases again with their inputs in channels-last layout.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -222,6 +223,74 @@ fn check_all(dtype: DType, host_copy: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `t` (`[B, C, *spatial]`) with its class axis moved last: `[B, *spatial, C]`, contiguous.
+fn channels_last(t: &Tensor) -> Result<Tensor> {
+    let mut order: Vec<usize> = (0..t.rank()).filter(|&d| d != 1).collect();
+    order.push(1);
+    Ok(t.permute(order)?.contiguous()?)
+}
+
+/// Every Lovász-Softmax case with its probabilities given channels last
+/// (`channels_last: true`): the reference's loss, and its gradient in that layout.
+fn check_softmax_channels_last(dtype: DType, host_copy: bool) -> Result<()> {
+    let fx = fixtures()?;
+    force_host_copy(host_copy);
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in &fx.cases {
+        if case["function"].as_str() != Some("lovasz_softmax") {
+            continue;
+        }
+        checked += 1;
+        let check = || -> Result<()> {
+            let name = case["name"].as_str().context("name")?;
+            let probas = channels_last(&fx.get(case, "inputs", "probas")?)?;
+            let labels = fx.get(case, "inputs", "labels")?;
+            let cfg = LovaszSoftmaxConfig {
+                channels_last: true,
+                ..softmax_config(&case["params"])?
+            };
+            let (loss, grad) = loss_and_grad(&probas, dtype, |x| lovasz_softmax(x, &labels, &cfg))?;
+            let want_grad = channels_last(&fx.get(case, "expected", "grad_probas")?)?;
+            assert_close(
+                name,
+                "loss",
+                &loss,
+                &flat(&fx.get(case, "expected", "loss")?)?,
+            )?;
+            assert_close(name, "gradient (channels last)", &grad, &flat(&want_grad)?)
+        };
+        if let Err(e) = check() {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    force_host_copy(false);
+    assert_eq!(checked, 35, "softmax fixture count changed");
+    if !failures.is_empty() {
+        bail!(
+            "{} of {checked} channels-last cases fail ({dtype:?}):\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn reference_softmax_channels_last_f32() -> Result<()> {
+    check_softmax_channels_last(DType::F32, false)
+}
+
+#[test]
+fn reference_softmax_channels_last_f64() -> Result<()> {
+    check_softmax_channels_last(DType::F64, false)
+}
+
+#[test]
+fn reference_softmax_channels_last_host_copy_path() -> Result<()> {
+    check_softmax_channels_last(DType::F32, true)
 }
 
 #[test]

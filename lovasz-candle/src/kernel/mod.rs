@@ -47,4 +47,4 @@ pub use cpu::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub(crate) use cpu::{solve, HostSort};
 pub(crate) use jaccard_walk::JaccardWalk;
 pub(crate) use keys::Real;
-pub(crate) use problem::{ClassEntry, ErrorKind, Output, Problem, Selection, Solved};
+pub(crate) use problem::{ChannelOrder, ClassEntry, ErrorKind, Output, Problem, Selection, Solved};

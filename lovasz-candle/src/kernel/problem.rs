@@ -39,9 +39,21 @@ pub(crate) struct Selection {
     pub only_present: bool,
 }
 
-/// A loss to weigh: inputs `[B, C, S]` and labels `[B, S]` as host slices.
+/// Where the class axis of the input (and of the kernel's output) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChannelOrder {
+    /// `[B, C, S]`: each (image, channel) row of `S` values is contiguous.
+    First,
+    /// `[B, S, C]`: each pixel's `C` values are contiguous.
+    Last,
+}
+
+/// A loss to weigh: inputs `[B, C, S]` (or `[B, S, C]`, see `order`) and labels `[B, S]`
+/// as host slices.
 pub(crate) struct Problem<'a, T> {
     pub data: &'a [T],
+    /// The layout of `data`, and of the values the kernel returns.
+    pub order: ChannelOrder,
     /// Labels with void pixels set to [`VOID`](crate::input::VOID).
     pub labels: &'a [u32],
     pub batch: usize,
@@ -62,9 +74,18 @@ impl<T> Problem<'_, T> {
     pub(crate) fn drops_nonpositive(&self) -> bool {
         self.kind == ErrorKind::Hinge && self.output == Output::Linear
     }
+
+    /// The position in `data` (and in the output) of `channel` at `pixel` of `image`.
+    #[inline]
+    pub(crate) fn index(&self, image: usize, channel: usize, pixel: usize) -> usize {
+        match self.order {
+            ChannelOrder::First => (image * self.channels + channel) * self.spatial + pixel,
+            ChannelOrder::Last => (image * self.spatial + pixel) * self.channels + channel,
+        }
+    }
 }
 
-/// The kernel's result: per-pixel values `[B, C, S]` (zero where no class job wrote), and
+/// The kernel's result: per-pixel values in the input's layout (zero where no class job wrote), and
 /// per group the offset `K` and the loss `Σ W ⊙ errors` in f64 (both zero in
 /// [`Output::Weights`] mode).
 pub(crate) struct Solved<T> {

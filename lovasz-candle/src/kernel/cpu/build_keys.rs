@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use crate::input::VOID;
 use crate::kernel::keys::{index_shift, Real};
-use crate::kernel::problem::{ErrorKind, Problem};
+use crate::kernel::problem::{ChannelOrder, ErrorKind, Problem};
 /// Writes the keys of the group-local pixels `pixels` (pixel `i` of the group is pixel
 /// `i % S` of image `first_image + i / S`) for one class, in pixel order, at the start
 /// of `out` (at least as long as `pixels`); returns how many were kept, and whether an
@@ -27,18 +27,34 @@ pub(crate) fn build_keys<T: Real>(
         let (li, i0) = (at / s_n, at % s_n);
         let i1 = s_n.min(i0 + pixels.end - at);
         let b = first_image + li;
-        let x = &p.data[(b * p.channels + channel) * s_n..][i0..i1];
         let labels = &p.labels[b * s_n..][i0..i1];
         let base = (li << index_shift(s_n) | i0) as u32;
         let out = &mut out[kept..];
-        let (k, n) = match p.kind {
-            ErrorKind::Abs => push_keys(out, x, labels, class, base, false, |x, fg| {
-                ErrorKind::Abs.error(x, fg)
-            }),
-            ErrorKind::Hinge => {
-                push_keys(out, x, labels, class, base, drop_nonpositive, |x, fg| {
-                    ErrorKind::Hinge.error(x, fg)
-                })
+        let (k, n) = match p.order {
+            ChannelOrder::First => {
+                let x = p.data[(b * p.channels + channel) * s_n..][i0..i1].iter();
+                push_keys_of(
+                    p.kind,
+                    out,
+                    x.copied(),
+                    labels,
+                    class,
+                    base,
+                    drop_nonpositive,
+                )
+            }
+            // The channel's values at every `C`-th position, read in place.
+            ChannelOrder::Last => {
+                let x = p.data[p.index(b, channel, i0)..].iter().step_by(p.channels);
+                push_keys_of(
+                    p.kind,
+                    out,
+                    x.copied(),
+                    labels,
+                    class,
+                    base,
+                    drop_nonpositive,
+                )
             }
         };
         kept += k;
@@ -48,24 +64,46 @@ pub(crate) fn build_keys<T: Real>(
     (kept, nan)
 }
 
-/// Appends the packed keys of one image's row `x` (labels `labels`, pixel indices from
-/// `base`), skipping void pixels and, if `drop_nonpositive`, errors `<= 0`. `error` is
-/// [`ErrorKind::error`] for one fixed kind, so the loop has no dispatch in it.
+/// [`push_keys`] with the error of `kind` (only the hinge drops errors `<= 0`).
+#[inline(always)]
+fn push_keys_of<T: Real>(
+    kind: ErrorKind,
+    out: &mut [T::Packed],
+    x: impl Iterator<Item = T>,
+    labels: &[u32],
+    class: u32,
+    base: u32,
+    drop_nonpositive: bool,
+) -> (usize, bool) {
+    match kind {
+        ErrorKind::Abs => push_keys(out, x, labels, class, base, false, |x, fg| {
+            ErrorKind::Abs.error(x, fg)
+        }),
+        ErrorKind::Hinge => push_keys(out, x, labels, class, base, drop_nonpositive, |x, fg| {
+            ErrorKind::Hinge.error(x, fg)
+        }),
+    }
+}
+
+/// Appends the packed keys of one image's row: the values `x` of its pixels (at least as
+/// many as `labels`), labels `labels`, pixel indices from `base`; skipping void pixels
+/// and, if `drop_nonpositive`, errors `<= 0`. `error` is [`ErrorKind::error`] for one
+/// fixed kind, so the loop has no dispatch in it.
 #[inline(always)]
 fn push_keys<T: Real>(
     out: &mut [T::Packed],
-    x: &[T],
+    x: impl Iterator<Item = T>,
     labels: &[u32],
     class: u32,
     base: u32,
     drop_nonpositive: bool,
     error: impl Fn(T, bool) -> (T, bool),
 ) -> (usize, bool) {
-    let out = &mut out[..x.len()];
+    let out = &mut out[..labels.len()];
     // An error is NaN exactly when its input is: the NaN scan of the input rides along.
     // A plain map the compiler can keep branch-free, counting the keys to drop.
     let (mut nan, mut dropped) = (false, 0usize);
-    for (o, (i, (&x, &l))) in out.iter_mut().zip(x.iter().zip(labels).enumerate()) {
+    for (o, (i, (x, &l))) in out.iter_mut().zip(x.zip(labels).enumerate()) {
         let fg = l == class;
         let (err, slope) = error(x, fg);
         *o = T::pack(err, base + i as u32, slope, fg);
@@ -73,7 +111,7 @@ fn push_keys<T: Real>(
         dropped += usize::from(is_dropped(drop_nonpositive, l, err));
     }
     if dropped == 0 {
-        return (x.len(), nan);
+        return (labels.len(), nan);
     }
     // Then the kept keys move to the front, in order (their errors read back from the
     // keys, which hold their bits exactly).

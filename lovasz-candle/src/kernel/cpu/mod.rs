@@ -1,6 +1,6 @@
 //! The kernel on the CPU: the call's [`plan`](crate::kernel::plan) from label counts
 //! taken on all threads, one output row per (image, class channel) handed to the job
-//! that writes it, and the jobs run with rayon, each on a [`job::Workspace`] its task
+//! that writes it (in the input's layout, channels first or last), and the jobs run with rayon, each on a [`job::Workspace`] its task
 //! reuses. A job is split over the threads itself when there are fewer jobs than threads.
 //!
 //! | file | what it holds |
@@ -13,6 +13,7 @@
 //! | [`partition`] | the sort of one large job on all threads, by buckets of key ranges |
 //! | [`sorted`] | sorted keys across two buffers, read in pieces |
 //! | [`walk`] | the walk over the sorted keys that writes the outputs |
+//! | [`rows`] | the output's rows, each handed to the job that writes it |
 //! | [`label_counts`] | per-class pixel counts of a group |
 //! | [`buffer`] | huge-page buffers, and the working memory kept between calls |
 
@@ -23,6 +24,7 @@ mod label_counts;
 mod partition;
 mod prune;
 mod radix;
+mod rows;
 mod sort;
 mod sorted;
 mod walk;
@@ -38,6 +40,7 @@ use crate::kernel::problem::{Problem, Selection, Solved};
 use buffer::zeroed;
 use job::{run_job, Workspace};
 use label_counts::count_labels;
+use rows::OutputRows;
 use walk::JobSums;
 
 /// Builds the weights (or linear coefficients) of the loss described by `p` and `sel`.
@@ -53,23 +56,16 @@ pub(crate) fn solve<T: HostSort>(p: &Problem<T>, sel: &Selection) -> Result<Solv
     let jobs = plan::jobs(&entries, sel.only_present, &all_counts, p.group_scale);
 
     let mut values = zeroed::<T>(b_n * c_n * s_n);
-    let mut chunks: Vec<Option<&mut [T]>> = values.chunks_mut(s_n).map(Some).collect();
+    let mut rows = OutputRows::new(&mut values, p.order, (b_n, c_n, s_n));
     let mut work = Vec::with_capacity(jobs.len());
     for job in &jobs {
-        let mut outs = Vec::with_capacity(groups[job.group].len());
-        for b in groups[job.group].clone() {
-            match chunks[b * c_n + job.channel].take() {
-                Some(chunk) => outs.push(chunk),
-                None => bail!("lovasz kernel: two jobs share a channel (internal error)"),
-            }
+        match rows.take(groups[job.group].clone(), job.channel) {
+            Some(outs) => work.push((job, outs)),
+            None => bail!("lovasz kernel: two jobs share a channel (internal error)"),
         }
-        work.push((job, outs));
     }
-    let unread_rows: Vec<usize> = (chunks.iter().enumerate())
-        .filter(|(_, c)| c.is_some())
-        .map(|(r, _)| r)
-        .collect();
-    drop(chunks);
+    let unread_rows = rows.untaken();
+    drop(rows);
     let threads = rayon::current_num_threads();
     let parallel = jobs.len() < threads;
     // About two tasks per thread: each reuses one workspace for all its jobs.

@@ -53,7 +53,7 @@ pub(crate) fn worth_pruning<T: Real>(p: &Problem<T>, images: Range<usize>, job: 
         let l = p.labels[image * s_n + pixel];
         if l != VOID {
             let fg = l == job.class;
-            let x = p.data[(image * p.channels + job.channel) * s_n + pixel];
+            let x = p.data[p.index(image, job.channel, pixel)];
             sample.push((p.kind.error(x, fg).0, fg));
         }
     }
@@ -77,7 +77,7 @@ mod tests {
     use super::super::solve;
     use super::*;
     use crate::kernel::jaccard_walk::JaccardWalk;
-    use crate::kernel::problem::{ClassEntry, ErrorKind, Output, Selection};
+    use crate::kernel::problem::{ChannelOrder, ClassEntry, ErrorKind, Output, Selection};
 
     /// A one-image problem whose class 0 has all its foreground errors in (0.4, 1], so
     /// about 40 % of its background pixels have smaller errors and weight 0; with void
@@ -107,6 +107,7 @@ mod tests {
         let (data, labels) = separable(s_n);
         let p = Problem {
             data: &data,
+            order: ChannelOrder::First,
             labels: &labels,
             batch: 1,
             channels: 3,
