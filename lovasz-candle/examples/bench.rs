@@ -103,6 +103,10 @@ struct Args {
     /// Seed of the inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Softmax only: the same probabilities in channels-last layout (`[B, H, W, C]`,
+    /// `channels_last: true`).
+    #[arg(long)]
+    channels_last: bool,
 }
 
 /// Inputs (`[B, C, *spatial]` for softmax, `[B, *spatial]` for the binary losses) and
@@ -184,6 +188,7 @@ fn run(args: &Args, x: &Tensor, labels: &Tensor) -> Result<Run> {
         Loss::Softmax => {
             let cfg = LovaszSoftmaxConfig {
                 per_image: args.per_image,
+                channels_last: args.channels_last,
                 ..Default::default()
             };
             lovasz_softmax(var.as_tensor(), labels, &cfg)?
@@ -284,21 +289,32 @@ fn main() -> Result<()> {
     if args.reps == 0 {
         bail!("--reps must be at least 1");
     }
+    if args.channels_last && args.loss != Loss::Softmax {
+        bail!("--channels-last is for --loss softmax");
+    }
     let (x, labels) = inputs(&args)?;
+    // The loss's input; the bare sort reads the channels-first `x`.
+    let input = if args.channels_last {
+        let mut order: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+        order.push(1);
+        x.permute(order)?.contiguous()?
+    } else {
+        x.clone()
+    };
     // glibc's allocator settings change the time of fresh large buffers (see the README's
     // "Speed"): the line names them so that a log tells which were in force.
     let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| "unset".to_string());
     println!(
         "loss={:?} shape={:?} per_image={} dist={:?} threads={} GLIBC_TUNABLES={tunables}",
         args.loss,
-        x.dims(),
+        input.dims(),
         args.per_image,
         args.dist,
         rayon::current_num_threads()
     );
-    run(&args, &x, &labels)?;
+    run(&args, &input, &labels)?;
     let runs: Vec<Run> = (0..args.reps)
-        .map(|_| run(&args, &x, &labels))
+        .map(|_| run(&args, &input, &labels))
         .collect::<Result<_>>()?;
     let mut times: Vec<f64> = runs.iter().map(|r| r.forward_s + r.backward_s).collect();
     let peak = runs.iter().map(|r| r.peak).max().unwrap_or(0);
