@@ -16,6 +16,9 @@
 //! | [`lovasz_hinge_multilabel`] | logits `[B, C, *]`, labels `[B, C, *]` 0/1 | per-channel hinge |
 //! | [`binary_xloss`], [`cross_entropy`] | logits | `binary_xloss`, `F.cross_entropy` |
 //!
+//! Coming from the authors' PyTorch or TensorFlow code, segmentation_models_pytorch,
+//! mmsegmentation or kornia: [`guide`] maps every option to this crate's calls.
+//!
 //! # How the Jaccard gradient is held constant
 //!
 //! For each class and group of pixels, the loss sorts the errors in decreasing order and
@@ -85,6 +88,7 @@ mod channel_softmax;
 mod config;
 mod cross_entropy;
 mod extension;
+pub mod guide;
 mod input;
 mod jaccard;
 mod kernel;
