@@ -88,6 +88,7 @@ mod channel_softmax;
 mod config;
 mod cross_entropy;
 mod extension;
+mod fine_grained;
 pub mod guide;
 mod input;
 mod jaccard;

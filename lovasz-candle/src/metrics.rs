@@ -1,9 +1,12 @@
-//! Segmentation metrics: the reference's `iou_binary` / `iou` (as fractions, not percent)
-//! and a [`ConfusionMatrix`] that accumulates over a whole data set.
+//! Segmentation metrics: the reference's `iou_binary` / `iou` (as fractions, not percent),
+//! a [`ConfusionMatrix`] that accumulates over a whole data set, and the per-image
+//! [`FineGrainedIou`] of Wang et al. (NeurIPS 2023).
 
 use candle::{bail, Device, Result, Tensor};
 
 use crate::input::{HostLabels, VOID};
+
+pub use crate::fine_grained::FineGrainedIou;
 
 /// Options of [`iou_binary`] and [`iou`].
 #[derive(Debug, Clone, Copy, PartialEq)]

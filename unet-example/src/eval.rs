@@ -1,9 +1,10 @@
-//! Evaluation over a whole split: one confusion matrix for the data set (not a mean of
-//! per-image scores), per-class IoU, mIoU and pixel accuracy, as a table or JSON.
+//! Evaluation over a whole split: one confusion matrix for the data set (per-class IoU,
+//! mIoU and pixel accuracy), and the fine-grained mIoU of Wang et al. (NeurIPS 2023)
+//! from per-image IoUs, as a table or JSON.
 
 use candle::Tensor;
 use datasets::{Dataset, Sample, VOID};
-use lovasz_candle::metrics::ConfusionMatrix;
+use lovasz_candle::metrics::{ConfusionMatrix, FineGrainedIou};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Normalisation;
@@ -69,6 +70,16 @@ pub fn predict_samples(
     Ok(out)
 }
 
+/// The metrics of `model` on a split: the data set's confusion matrix, and the per-image
+/// IoUs of the fine-grained mIoU.
+#[derive(Debug, Clone)]
+pub struct SplitMetrics {
+    /// One confusion matrix over every pixel of the split (void skipped).
+    pub confusion: ConfusionMatrix,
+    /// Per-image IoUs (Wang et al., NeurIPS 2023).
+    pub fine_grained: FineGrainedIou,
+}
+
 /// The confusion matrix of `model` on every sample of `dataset` (void pixels skipped).
 pub fn confusion(
     model: &UNet,
@@ -76,9 +87,20 @@ pub fn confusion(
     norm: &Normalisation,
     batch_size: usize,
 ) -> Result<ConfusionMatrix> {
+    Ok(evaluate(model, dataset, norm, batch_size)?.confusion)
+}
+
+/// The [`SplitMetrics`] of `model` on every sample of `dataset`.
+pub fn evaluate(
+    model: &UNet,
+    dataset: &dyn Dataset,
+    norm: &Normalisation,
+    batch_size: usize,
+) -> Result<SplitMetrics> {
     check_compatible(model, dataset)?;
     let k = dataset.num_classes();
     let mut cm = ConfusionMatrix::new(k, Some(VOID));
+    let mut fine_grained = FineGrainedIou::new(k, Some(VOID));
     let chunk = batch_size.max(1) * 4;
     let mut i = 0;
     while i < dataset.len() {
@@ -88,13 +110,45 @@ pub fn confusion(
         let preds = predict_samples(model, &samples, norm, batch_size)?;
         for (s, p) in samples.iter().zip(preds) {
             let dev = &candle::Device::Cpu;
-            let p = Tensor::from_vec(p, (s.height, s.width), dev)?;
-            let l = Tensor::from_vec(s.mask.clone(), (s.height, s.width), dev)?;
+            let p = Tensor::from_vec(p, (1, s.height, s.width), dev)?;
+            let l = Tensor::from_vec(s.mask.clone(), (1, s.height, s.width), dev)?;
             cm.update(&p, &l)?;
+            fine_grained.update(&p, &l)?;
         }
         i += chunk;
     }
-    Ok(cm)
+    Ok(SplitMetrics {
+        confusion: cm,
+        fine_grained,
+    })
+}
+
+/// The share of images (or of each class's images) in the worst-case fine-grained means.
+pub const WORST_PERCENT: f64 = 10.0;
+
+/// The fine-grained mIoU of a split (Wang et al., NeurIPS 2023), fractions in `[0, 1]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FineGrainedReport {
+    /// mIoU^I: the mean over images of each image's mean IoU over its classes.
+    pub miou_image: Option<f64>,
+    /// mIoU^C: the mean over classes of each class's mean IoU over the images holding it.
+    pub miou_class: Option<f64>,
+    /// mIoU^I over the worst [`WORST_PERCENT`] % of images.
+    pub miou_image_worst: Option<f64>,
+    /// mIoU^C with each class's mean over its worst [`WORST_PERCENT`] % of images.
+    pub miou_class_worst: Option<f64>,
+}
+
+impl FineGrainedReport {
+    /// The means of `m`.
+    pub fn new(m: &FineGrainedIou) -> Result<Self> {
+        Ok(Self {
+            miou_image: m.miou_image(None)?,
+            miou_class: m.miou_class(None)?,
+            miou_image_worst: m.miou_image(Some(WORST_PERCENT))?,
+            miou_class_worst: m.miou_class(Some(WORST_PERCENT))?,
+        })
+    }
 }
 
 /// One class's line of an [`EvalReport`].
@@ -123,6 +177,10 @@ pub struct EvalReport {
     pub classes: Vec<ClassReport>,
     /// Confusion matrix, rows = ground truth, columns = prediction.
     pub confusion: Vec<Vec<u64>>,
+    /// The fine-grained mIoU, when per-image IoUs were taken (absent in reports written
+    /// before it existed).
+    #[serde(default)]
+    pub fine_grained: Option<FineGrainedReport>,
 }
 
 impl EvalReport {
@@ -151,7 +209,21 @@ impl EvalReport {
             pixel_accuracy: cm.pixel_accuracy(),
             classes,
             confusion,
+            fine_grained: None,
         }
+    }
+
+    /// The report of a split's [`SplitMetrics`], the fine-grained mIoU included.
+    pub fn of(
+        m: &SplitMetrics,
+        class_names: &[String],
+        split: &str,
+        images: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            fine_grained: Some(FineGrainedReport::new(&m.fine_grained)?),
+            ..Self::new(&m.confusion, class_names, split, images)
+        })
     }
 
     /// Per-class IoU, mIoU and pixel accuracy as an aligned text table (percent).
@@ -183,6 +255,18 @@ impl EvalReport {
             "pixel accuracy",
             percent(self.pixel_accuracy)
         );
+        if let Some(f) = &self.fine_grained {
+            let worst = format!("worst {WORST_PERCENT} %");
+            let lines = [
+                ("mIoU^I (images)".to_string(), f.miou_image),
+                ("mIoU^C (classes)".to_string(), f.miou_class),
+                (format!("mIoU^I, {worst}"), f.miou_image_worst),
+                (format!("mIoU^C, {worst}"), f.miou_class_worst),
+            ];
+            for (name, v) in lines {
+                s += &format!("{name:width$}  {:>7}\n", percent(v));
+            }
+        }
         s
     }
 
@@ -237,5 +321,24 @@ mod tests {
         assert!(r.table().contains("mIoU"));
         assert!(r.confusion_table().lines().count() == 4);
         assert_eq!(percent(None), "-");
+        assert!(r.fine_grained.is_none() && !r.table().contains("mIoU^I"));
+
+        // With per-image IoUs: classes 0, 1, 2 of the one image score 1, 1/2 and 0.
+        let mut fine_grained = FineGrainedIou::new(3, Some(VOID));
+        fine_grained.update(&p, &l).unwrap();
+        let m = SplitMetrics {
+            confusion: cm,
+            fine_grained,
+        };
+        let r = EvalReport::of(&m, &names, "val", 1).unwrap();
+        let f = r.fine_grained.clone().unwrap();
+        assert_eq!(f.miou_image, Some(0.5));
+        assert_eq!(f.miou_class, Some(0.5));
+        assert!(r.table().contains("mIoU^I (images)") && r.table().contains("worst 10 %"));
+        // A report written before the field existed still reads.
+        let mut json = serde_json::to_value(&r).unwrap();
+        json.as_object_mut().unwrap().remove("fine_grained");
+        let old: EvalReport = serde_json::from_value(json).unwrap();
+        assert_eq!(old.fine_grained, None);
     }
 }

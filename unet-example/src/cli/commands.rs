@@ -13,7 +13,7 @@ use crate::atomic_file::write_json;
 use crate::checkpoint::MODEL_FILE;
 use crate::data::{open_split, DataSpec};
 use crate::device::device_name;
-use crate::eval::{check_compatible, confusion, percent, EvalReport};
+use crate::eval::{check_compatible, evaluate, percent, EvalReport};
 use crate::model::UNet;
 use crate::train::{Outcome, RunConfig, RunOptions, Schedule, Trainer};
 use crate::{compare, visualise, Error, Result};
@@ -138,8 +138,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     let (run, model) = load_run(&args.checkpoint, &device)?;
     let ds = dataset_for(&run, &args.dataset, args.num_classes, args.split)?;
     check_compatible(&model, &*ds)?;
-    let cm = confusion(&model, &*ds, &run.normalisation, args.batch_size)?;
-    let report = EvalReport::new(&cm, &run.data.class_names, args.split.name(), ds.len());
+    let metrics = evaluate(&model, &*ds, &run.normalisation, args.batch_size)?;
+    let report = EvalReport::of(&metrics, &run.data.class_names, args.split.name(), ds.len())?;
     let out = args
         .output
         .clone()

@@ -12,7 +12,7 @@ use super::run_config::RunConfig;
 use super::trainer::Trainer;
 use crate::atomic_file::write_json;
 use crate::checkpoint::{PREDICTIONS_FILE, SUMMARY_FILE};
-use crate::eval::{confusion, percent, EvalReport};
+use crate::eval::{evaluate, percent, EvalReport};
 use crate::visualise::{self, spread};
 use crate::Result;
 
@@ -44,18 +44,13 @@ impl Trainer {
     /// `summary.json` and `predictions.png`.
     pub fn finish(&mut self) -> Result<Summary> {
         let report = |split: &str, ds: &Arc<dyn Dataset>| -> Result<EvalReport> {
-            let cm = confusion(
+            let metrics = evaluate(
                 &self.model,
                 &**ds,
                 &self.run.normalisation,
                 self.options.eval_batch_size,
             )?;
-            Ok(EvalReport::new(
-                &cm,
-                &self.run.data.class_names,
-                split,
-                ds.len(),
-            ))
+            EvalReport::of(&metrics, &self.run.data.class_names, split, ds.len())
         };
         let val = report("val", &self.splits.val)?;
         let test = report("test", &self.splits.test)?;
@@ -78,10 +73,13 @@ impl Trainer {
             val,
             test,
         };
+        let fine = summary.test.fine_grained.as_ref();
         info!(
-            "done: {} epochs, test mIoU {}%, val mIoU {}%",
+            "done: {} epochs, test mIoU {}% (per image {}%, per class {}%), val mIoU {}%",
             self.epoch,
             percent(summary.test.mean_iou),
+            percent(fine.and_then(|f| f.miou_image)),
+            percent(fine.and_then(|f| f.miou_class)),
             percent(summary.val.mean_iou)
         );
         if let Some(dir) = &self.out {
