@@ -55,8 +55,9 @@ pub struct TrainingArgs {
     pub epochs: usize,
     /// Epochs of the fine-tuning phase: the last N epochs of ce-then-finetune (and of
     /// compare's variant b) optimise CE + λ·Lovász; the first epochs - N optimise CE.
-    #[arg(long, default_value_t = TrainConfig::default().finetune_epochs)]
-    pub finetune_epochs: usize,
+    /// Default: a third of --epochs (20 of the default 60).
+    #[arg(long)]
+    pub finetune_epochs: Option<usize>,
     /// Peak learning rate, decayed to 0 by a cosine over all epochs (per step).
     #[arg(long, default_value_t = TrainConfig::default().lr)]
     pub lr: f64,
@@ -115,7 +116,7 @@ impl TrainingArgs {
             num_classes: self.num_classes,
             schedule,
             epochs: self.epochs,
-            finetune_epochs: self.finetune_epochs,
+            finetune_epochs: self.finetune_epochs.unwrap_or(self.epochs / 3),
             lr: self.lr,
             finetune_lr: self.finetune_lr,
             lovasz_weight: self.lovasz_weight,
@@ -320,6 +321,29 @@ mod tests {
             default_output(&TrainConfig::default()),
             PathBuf::from("runs/brain-ce-then-finetune-seed0")
         );
+    }
+
+    #[test]
+    fn finetune_epochs_follow_epochs_unless_given() {
+        let config = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let Command::Train(args) = cli.command else {
+                panic!("not train")
+            };
+            args.training.config(args.schedule)
+        };
+        let quick = config(&["unet-example", "train", "--epochs", "5"]);
+        assert_eq!((quick.epochs, quick.finetune_epochs), (5, 1));
+        quick.validate().unwrap();
+        let given = config(&[
+            "unet-example",
+            "train",
+            "--epochs",
+            "5",
+            "--finetune-epochs",
+            "4",
+        ]);
+        assert_eq!(given.finetune_epochs, 4);
     }
 
     #[test]
