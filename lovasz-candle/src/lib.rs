@@ -16,6 +16,20 @@
 //! | [`lovasz_hinge_multilabel`] | logits `[B, C, *]`, labels `[B, C, *]` 0/1 | per-channel hinge |
 //! | [`binary_xloss`], [`cross_entropy`] | logits | `binary_xloss`, `F.cross_entropy` |
 //!
+//! `*` stands for any number of spatial dims (none, `H, W`, `D, H, W`). Labels are class
+//! indices (u8, u32 or i64); the configs' `ignore_index` marks void pixels, which are left
+//! out, and their `Default` gives the reference's defaults. Bad input (a label out of
+//! range, a shape or dtype mismatch, an empty tensor) is an `Err` that names the problem.
+//!
+//! To train a segmentation model, add [`lovasz_softmax_with_logits`] to the cross-entropy
+//! of the same logits, or fine-tune with it after a cross-entropy phase. The
+//! [example](#example) below takes the loss and its gradient; the repository's
+//! `examples/own_training_loop.rs` trains a small candle-nn model with both.
+//! [`metrics`] has the IoU and a [`ConfusionMatrix`](metrics::ConfusionMatrix) for the
+//! mean IoU over a data set; [`lovasz_softmax_weights`], [`lovasz_hinge_weights`] and
+//! [`lovasz_grad`] expose the loss's parts, and [`metrics::FineGrainedIou`] the per-image
+//! mIoU of Wang et al. (NeurIPS 2023).
+//!
 //! Coming from the authors' PyTorch or TensorFlow code, segmentation_models_pytorch,
 //! mmsegmentation or kornia: [`guide`] maps every option to this crate's calls.
 //!
@@ -42,6 +56,11 @@
 //! may be f16, bf16, f32 or f64: half-precision inputs are upcast to f32 (the loss is
 //! returned in f32), f64 stays f64.
 //!
+//! # Cargo features
+//!
+//! None is on by default (CPU only). `cuda`, `cudnn`, `metal`, `accelerate` and `mkl`
+//! turn on candle's (and candle-nn's) features of the same names.
+//!
 //! # Memory
 //!
 //! The kernel's working memory is freed when a call returns, except when one (group,
@@ -66,8 +85,9 @@
 //! use lovasz_candle::{lovasz_softmax_with_logits, Classes, LovaszSoftmaxConfig};
 //!
 //! let dev = Device::Cpu;
-//! // A batch of 2 images, 3 classes, 8×8 pixels; 255 marks void pixels.
+//! // Logits of a batch of 2 images, 3 classes, 8×8 pixels: [B, C, H, W].
 //! let logits = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 8, 8), &dev)?)?;
+//! // Labels [B, H, W]: every pixel of class 1 here; a label of 255 would be void.
 //! let labels = Tensor::ones((2, 8, 8), DType::U32, &dev)?;
 //! let cfg = LovaszSoftmaxConfig {
 //!     classes: Classes::Present,
@@ -81,6 +101,8 @@
 //! assert_eq!(g.dims(), &[2, 3, 8, 8]);
 //! # Ok(()) }
 //! ```
+
+#![deny(missing_docs)]
 
 mod bce;
 mod binary;
@@ -107,3 +129,8 @@ pub use input::force_host_copy;
 pub use jaccard::lovasz_grad;
 pub use kernel::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub use softmax::{lovasz_softmax, lovasz_softmax_weights, lovasz_softmax_with_logits};
+
+/// The crate README's examples, compiled and run by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
