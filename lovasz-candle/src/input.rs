@@ -196,3 +196,23 @@ impl ClassAxes {
         dims
     }
 }
+
+/// Predictions and labels of one shape, on the host as u32: preds in `[0, n_classes)`,
+/// labels in `[0, n_classes)` or `ignore_index` (then [`VOID`]).
+pub(crate) fn host_preds_and_labels(
+    preds: &Tensor,
+    labels: &Tensor,
+    n_classes: usize,
+    ignore_index: Option<u32>,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    if preds.dims() != labels.dims() {
+        bail!(
+            "shape mismatch: preds have shape {:?} but labels have shape {:?}",
+            preds.dims(),
+            labels.dims()
+        )
+    }
+    let preds = HostLabels::new(&preds.to_device(&Device::Cpu)?, n_classes, None, "preds")?;
+    let labels = HostLabels::new(labels, n_classes, ignore_index, "labels")?;
+    Ok((preds.values, labels.values))
+}

@@ -2,9 +2,9 @@
 //! a [`ConfusionMatrix`] that accumulates over a whole data set, and the per-image
 //! [`FineGrainedIou`] of Wang et al. (NeurIPS 2023).
 
-use candle::{bail, Device, Result, Tensor};
+use candle::{bail, Result, Tensor};
 
-use crate::input::{HostLabels, VOID};
+use crate::input::{host_preds_and_labels, VOID};
 
 pub use crate::fine_grained::FineGrainedIou;
 
@@ -38,18 +38,11 @@ struct Pairs {
 
 impl Pairs {
     fn new(preds: &Tensor, labels: &Tensor, n_classes: usize, cfg: &IouConfig) -> Result<Self> {
-        if preds.dims() != labels.dims() {
-            bail!(
-                "shape mismatch: preds have shape {:?} but labels have shape {:?}",
-                preds.dims(),
-                labels.dims()
-            )
-        }
+        let (preds_host, labels_host) =
+            host_preds_and_labels(preds, labels, n_classes, cfg.ignore_index)?;
         if preds.elem_count() == 0 {
             bail!("empty input: preds have shape {:?}", preds.dims())
         }
-        let preds_host = HostLabels::new(preds, n_classes, None, "preds")?.values;
-        let labels_host = HostLabels::new(labels, n_classes, cfg.ignore_index, "labels")?.values;
         let groups = if cfg.per_image && preds.rank() > 0 {
             preds.dim(0)?
         } else {
@@ -160,21 +153,9 @@ impl ConfusionMatrix {
     /// Adds a batch: `preds` and `labels` of the same shape, integer dtypes (u8, u32, i64),
     /// preds in `[0, n_classes)`, labels in `[0, n_classes)` or the ignore index.
     pub fn update(&mut self, preds: &Tensor, labels: &Tensor) -> Result<()> {
-        if preds.dims() != labels.dims() {
-            bail!(
-                "shape mismatch: preds have shape {:?} but labels have shape {:?}",
-                preds.dims(),
-                labels.dims()
-            )
-        }
-        let preds = HostLabels::new(
-            &preds.to_device(&Device::Cpu)?,
-            self.n_classes,
-            None,
-            "preds",
-        )?;
-        let labels = HostLabels::new(labels, self.n_classes, self.ignore_index, "labels")?;
-        for (&p, &l) in preds.values.iter().zip(&labels.values) {
+        let (preds, labels) =
+            host_preds_and_labels(preds, labels, self.n_classes, self.ignore_index)?;
+        for (&p, &l) in preds.iter().zip(&labels) {
             if l != VOID {
                 self.counts[l as usize * self.n_classes + p as usize] += 1;
             }

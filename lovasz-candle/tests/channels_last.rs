@@ -189,9 +189,9 @@ fn softmax_channels_last_on_the_host_copy_path() -> Result<()> {
 }
 
 #[test]
-fn a_split_job_writes_its_strided_outputs_exactly() -> Result<()> {
+fn a_split_job_gives_the_channels_first_weights_exactly() -> Result<()> {
     // One (group, class) job on 2 x 300 x 300 pixels, fewer jobs than threads: the job is
-    // split over the threads and its outputs, every C-th value, written from all of them.
+    // split over the threads, its keys read from every C-th value by all of them.
     let dims = [2, 3, 300, 300];
     let (logits, labels) = problem(&dims, 3)?;
     let cfg = LovaszSoftmaxConfig {

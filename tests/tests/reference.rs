@@ -202,27 +202,46 @@ fn check_case(fx: &Fixtures, case: &Value, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-fn check_all(dtype: DType, host_copy: bool) -> Result<()> {
+/// Runs `check` on every case that `select` picks (there must be `expected` of them),
+/// with the host-copy path forced when `host_copy`; fails with every failing case.
+fn check_cases(
+    what: &str,
+    host_copy: bool,
+    expected: usize,
+    select: impl Fn(&Value) -> bool,
+    check: impl Fn(&Fixtures, &Value) -> Result<()>,
+) -> Result<()> {
     let fx = fixtures()?;
     force_host_copy(host_copy);
     let mut failures = Vec::new();
     let mut checked = 0;
-    for case in &fx.cases {
+    for case in fx.cases.iter().filter(|c| select(c)) {
         checked += 1;
-        if let Err(e) = check_case(&fx, case, dtype) {
+        if let Err(e) = check(&fx, case) {
             failures.push(format!("{e:#}"));
         }
     }
     force_host_copy(false);
-    assert_eq!(checked, 83, "fixture count changed");
+    assert_eq!(checked, expected, "fixture count changed");
     if !failures.is_empty() {
         bail!(
-            "{} of {checked} cases fail ({dtype:?}):\n{}",
+            "{} of {checked} {what} fail:\n{}",
             failures.len(),
             failures.join("\n")
         );
     }
     Ok(())
+}
+
+fn check_all(dtype: DType, host_copy: bool) -> Result<()> {
+    let what = format!("cases ({dtype:?})");
+    check_cases(
+        &what,
+        host_copy,
+        83,
+        |_| true,
+        |fx, case| check_case(fx, case, dtype),
+    )
 }
 
 /// `t` (`[B, C, *spatial]`) with its class axis moved last: `[B, *spatial, C]`, contiguous.
@@ -235,47 +254,22 @@ fn channels_last(t: &Tensor) -> Result<Tensor> {
 /// Every Lovász-Softmax case with its probabilities given channels last
 /// (`channels_last: true`): the reference's loss, and its gradient in that layout.
 fn check_softmax_channels_last(dtype: DType, host_copy: bool) -> Result<()> {
-    let fx = fixtures()?;
-    force_host_copy(host_copy);
-    let mut failures = Vec::new();
-    let mut checked = 0;
-    for case in &fx.cases {
-        if case["function"].as_str() != Some("lovasz_softmax") {
-            continue;
-        }
-        checked += 1;
-        let check = || -> Result<()> {
-            let name = case["name"].as_str().context("name")?;
-            let probas = channels_last(&fx.get(case, "inputs", "probas")?)?;
-            let labels = fx.get(case, "inputs", "labels")?;
-            let cfg = LovaszSoftmaxConfig {
-                channels_last: true,
-                ..softmax_config(&case["params"])?
-            };
-            let (loss, grad) = loss_and_grad(&probas, dtype, |x| lovasz_softmax(x, &labels, &cfg))?;
-            let want_grad = channels_last(&fx.get(case, "expected", "grad_probas")?)?;
-            assert_close(
-                name,
-                "loss",
-                &loss,
-                &flat(&fx.get(case, "expected", "loss")?)?,
-            )?;
-            assert_close(name, "gradient (channels last)", &grad, &flat(&want_grad)?)
+    let softmax = |case: &Value| case["function"].as_str() == Some("lovasz_softmax");
+    let what = format!("channels-last cases ({dtype:?})");
+    check_cases(&what, host_copy, 35, softmax, |fx, case| {
+        let name = case["name"].as_str().context("name")?;
+        let probas = channels_last(&fx.get(case, "inputs", "probas")?)?;
+        let labels = fx.get(case, "inputs", "labels")?;
+        let cfg = LovaszSoftmaxConfig {
+            channels_last: true,
+            ..softmax_config(&case["params"])?
         };
-        if let Err(e) = check() {
-            failures.push(format!("{e:#}"));
-        }
-    }
-    force_host_copy(false);
-    assert_eq!(checked, 35, "softmax fixture count changed");
-    if !failures.is_empty() {
-        bail!(
-            "{} of {checked} channels-last cases fail ({dtype:?}):\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
-    }
-    Ok(())
+        let (loss, grad) = loss_and_grad(&probas, dtype, |x| lovasz_softmax(x, &labels, &cfg))?;
+        let want_loss = flat(&fx.get(case, "expected", "loss")?)?;
+        let want_grad = channels_last(&fx.get(case, "expected", "grad_probas")?)?;
+        assert_close(name, "loss", &loss, &want_loss)?;
+        assert_close(name, "gradient (channels last)", &grad, &flat(&want_grad)?)
+    })
 }
 
 #[test]

@@ -20,7 +20,6 @@ pub(crate) fn build_keys<T: Real>(
     out: &mut [T::Packed],
 ) -> (usize, bool) {
     let s_n = p.spatial;
-    let drop_nonpositive = p.drops_nonpositive();
     let mut at = pixels.start;
     let (mut kept, mut nan) = (0, false);
     while at < pixels.end {
@@ -33,28 +32,12 @@ pub(crate) fn build_keys<T: Real>(
         let (k, n) = match p.order {
             ChannelOrder::First => {
                 let x = p.data[(b * p.channels + channel) * s_n..][i0..i1].iter();
-                push_keys_of(
-                    p.kind,
-                    out,
-                    x.copied(),
-                    labels,
-                    class,
-                    base,
-                    drop_nonpositive,
-                )
+                push_keys_of(p, out, x.copied(), labels, class, base)
             }
             // The channel's values at every `C`-th position, read in place.
             ChannelOrder::Last => {
                 let x = p.data[p.index(b, channel, i0)..].iter().step_by(p.channels);
-                push_keys_of(
-                    p.kind,
-                    out,
-                    x.copied(),
-                    labels,
-                    class,
-                    base,
-                    drop_nonpositive,
-                )
+                push_keys_of(p, out, x.copied(), labels, class, base)
             }
         };
         kept += k;
@@ -64,18 +47,18 @@ pub(crate) fn build_keys<T: Real>(
     (kept, nan)
 }
 
-/// [`push_keys`] with the error of `kind` (only the hinge drops errors `<= 0`).
+/// [`push_keys`] with the error of `p`'s kind (only the hinge drops errors `<= 0`).
 #[inline(always)]
 fn push_keys_of<T: Real>(
-    kind: ErrorKind,
+    p: &Problem<T>,
     out: &mut [T::Packed],
     x: impl Iterator<Item = T>,
     labels: &[u32],
     class: u32,
     base: u32,
-    drop_nonpositive: bool,
 ) -> (usize, bool) {
-    match kind {
+    let drop_nonpositive = p.drops_nonpositive();
+    match p.kind {
         ErrorKind::Abs => push_keys(out, x, labels, class, base, false, |x, fg| {
             ErrorKind::Abs.error(x, fg)
         }),

@@ -9,7 +9,6 @@ use rayon::prelude::*;
 use super::buffer::{give_cached, take_cached, working};
 use super::build_keys::build_keys;
 use super::prune::{foreground_floor, prune_zero_weight, worth_pruning};
-use super::rows::JobRows;
 use super::sort::HostSort;
 use super::sorted::{SortedKeys, PIECE};
 use super::walk::{walk_job, JobSums};
@@ -57,7 +56,7 @@ pub(crate) fn run_job<T: HostSort>(
     p: &Problem<T>,
     images: Range<usize>,
     job: &Job,
-    outs: &mut JobRows<T>,
+    outs: &mut [&mut [T]],
     parallel: bool,
     ws: &mut Workspace<T>,
 ) -> (JobSums, bool) {

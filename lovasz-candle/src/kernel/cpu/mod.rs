@@ -1,7 +1,9 @@
 //! The kernel on the CPU: the call's [`plan`](crate::kernel::plan) from label counts
 //! taken on all threads, one output row per (image, class channel) handed to the job
-//! that writes it (in the input's layout, channels first or last), and the jobs run with rayon, each on a [`job::Workspace`] its task
-//! reuses. A job is split over the threads itself when there are fewer jobs than threads.
+//! that writes it (channels first whatever the input's layout; transposed at the end for
+//! a channels-last input), and the jobs run with rayon, each on a [`job::Workspace`] its
+//! task reuses. A job is split over the threads itself when there are fewer jobs than
+//! threads.
 //!
 //! | file | what it holds |
 //! |---|---|
@@ -13,7 +15,7 @@
 //! | [`partition`] | the sort of one large job on all threads, by buckets of key ranges |
 //! | [`sorted`] | sorted keys across two buffers, read in pieces |
 //! | [`walk`] | the walk over the sorted keys that writes the outputs |
-//! | [`rows`] | the output's rows, each handed to the job that writes it |
+//! | [`layout`] | the outputs transposed to channels last, for such an input |
 //! | [`label_counts`] | per-class pixel counts of a group |
 //! | [`buffer`] | huge-page buffers, and the working memory kept between calls |
 
@@ -21,10 +23,10 @@ mod buffer;
 mod build_keys;
 mod job;
 mod label_counts;
+mod layout;
 mod partition;
 mod prune;
 mod radix;
-mod rows;
 mod sort;
 mod sorted;
 mod walk;
@@ -36,11 +38,10 @@ pub use buffer::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub(crate) use sort::HostSort;
 
 use crate::kernel::plan;
-use crate::kernel::problem::{Problem, Selection, Solved};
+use crate::kernel::problem::{ChannelOrder, Problem, Selection, Solved};
 use buffer::zeroed;
 use job::{run_job, Workspace};
 use label_counts::count_labels;
-use rows::OutputRows;
 use walk::JobSums;
 
 /// Builds the weights (or linear coefficients) of the loss described by `p` and `sel`.
@@ -56,16 +57,23 @@ pub(crate) fn solve<T: HostSort>(p: &Problem<T>, sel: &Selection) -> Result<Solv
     let jobs = plan::jobs(&entries, sel.only_present, &all_counts, p.group_scale);
 
     let mut values = zeroed::<T>(b_n * c_n * s_n);
-    let mut rows = OutputRows::new(&mut values, p.order, (b_n, c_n, s_n));
+    let mut chunks: Vec<Option<&mut [T]>> = values.chunks_mut(s_n).map(Some).collect();
     let mut work = Vec::with_capacity(jobs.len());
     for job in &jobs {
-        match rows.take(groups[job.group].clone(), job.channel) {
-            Some(outs) => work.push((job, outs)),
-            None => bail!("lovasz kernel: two jobs share a channel (internal error)"),
+        let mut outs = Vec::with_capacity(groups[job.group].len());
+        for b in groups[job.group].clone() {
+            match chunks[b * c_n + job.channel].take() {
+                Some(chunk) => outs.push(chunk),
+                None => bail!("lovasz kernel: two jobs share a channel (internal error)"),
+            }
         }
+        work.push((job, outs));
     }
-    let unread_rows = rows.untaken();
-    drop(rows);
+    let unread_rows: Vec<usize> = (chunks.iter().enumerate())
+        .filter(|(_, c)| c.is_some())
+        .map(|(r, _)| r)
+        .collect();
+    drop(chunks);
     let threads = rayon::current_num_threads();
     let parallel = jobs.len() < threads;
     // About two tasks per thread: each reuses one workspace for all its jobs.
@@ -90,6 +98,10 @@ pub(crate) fn solve<T: HostSort>(p: &Problem<T>, sel: &Selection) -> Result<Solv
         losses[g] += sums.loss;
         nan |= job_nan;
     }
+    let values = match p.order {
+        ChannelOrder::First => values,
+        ChannelOrder::Last => layout::to_channels_last(&values, (b_n, c_n, s_n)),
+    };
     Ok(Solved {
         values,
         offsets,

@@ -6,7 +6,6 @@
 
 use rayon::prelude::*;
 
-use super::rows::{JobRows, RowWrites};
 use super::sorted::{SortedKeys, PIECE};
 use crate::kernel::jaccard_walk::JaccardWalk;
 use crate::kernel::keys::Real;
@@ -25,7 +24,7 @@ pub(crate) struct JobSums {
 pub(crate) fn walk_job<T: Real, const MIXED: bool>(
     p: &Problem<T>,
     keys: &SortedKeys<T::Packed>,
-    outs: &mut JobRows<T>,
+    outs: &mut [&mut [T]],
     shift: u32,
     job: &Job,
     fg_per_piece: Option<&[u64]>,
@@ -62,7 +61,7 @@ pub(crate) fn walk_job<T: Real, const MIXED: bool>(
 /// else [`JaccardWalk::step`].
 fn walk<T: Real, F, const MIXED: bool>(
     keys: &SortedKeys<T::Packed>,
-    rows: &mut JobRows<T>,
+    rows: &mut [&mut [T]],
     shift: u32,
     gts: u64,
     scale: f64,
@@ -94,27 +93,15 @@ where
                 walk_piece::<T, MIXED>(&keys.piece(i), &mut jw, scale, &out, write)
             })
             .collect()
+    } else if let [row] = rows {
+        // One image: its pixel index is the key's whole index.
+        let row = &mut **row;
+        walk_serial::<T, MIXED>(keys, gts, scale, &out, |i, v| row[i] = v)
     } else {
-        match rows {
-            JobRows::Contiguous(rows) => {
-                if let [row] = &mut rows[..] {
-                    // One image: its pixel index is the key's whole index.
-                    let row = &mut **row;
-                    walk_serial::<T, MIXED>(keys, gts, scale, &out, |i, v| row[i] = v)
-                } else {
-                    let mask = (1usize << shift) - 1;
-                    walk_serial::<T, MIXED>(keys, gts, scale, &out, |i, v| {
-                        rows[i >> shift][i & mask] = v
-                    })
-                }
-            }
-            strided @ JobRows::Strided { .. } => {
-                let rows = RowWrites::new(strided, shift);
-                // SAFETY: one key per pixel, so every index is written once.
-                let write = |i, v| unsafe { rows.write(i, v) };
-                walk_serial::<T, MIXED>(keys, gts, scale, &out, write)
-            }
-        }
+        let mask = (1usize << shift) - 1;
+        walk_serial::<T, MIXED>(keys, gts, scale, &out, |i, v| {
+            rows[i >> shift][i & mask] = v
+        })
     };
     sums.into_iter().fold(JobSums::default(), |a, b| JobSums {
         offset: a.offset + b.offset,
@@ -167,4 +154,48 @@ fn walk_piece<T: Real, const MIXED: bool>(
     }
     *jw = walk;
     JobSums { offset, loss }
+}
+
+/// The rows of one job's output (one per image of its group), written by pixel index
+/// `image << shift | pixel` from several threads, each index at most once.
+struct RowWrites<'a, T> {
+    starts: Vec<*mut T>,
+    len: usize,
+    shift: u32,
+    _rows: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: shared use only writes through `write`, whose contract rules out two writes to
+// one index; `T: Send` values may be moved into the rows from any thread.
+unsafe impl<T: Send> Sync for RowWrites<'_, T> {}
+
+impl<'a, T> RowWrites<'a, T> {
+    /// `rows` all have the same length, below `1 << shift`.
+    fn new(rows: &'a mut [&mut [T]], shift: u32) -> Self {
+        let len = rows.first().map_or(0, |r| r.len());
+        assert!(
+            rows.iter().all(|r| r.len() == len) && len <= 1 << shift,
+            "lovasz kernel: rows of unequal lengths (internal error)"
+        );
+        Self {
+            starts: rows.iter_mut().map(|r| r.as_mut_ptr()).collect(),
+            len,
+            shift,
+            _rows: std::marker::PhantomData,
+        }
+    }
+
+    /// Writes `value` at pixel index `index` (`image << shift | pixel`, checked against
+    /// the rows).
+    ///
+    /// # Safety
+    /// No other call, on any thread, may write the same index while the rows are shared.
+    #[inline(always)]
+    unsafe fn write(&self, index: usize, value: T) {
+        let (image, pixel) = (index >> self.shift, index & ((1 << self.shift) - 1));
+        let start = self.starts[image];
+        assert!(pixel < self.len, "pixel {pixel} out of {}", self.len);
+        // SAFETY: in bounds (checked above), and no other thread touches this element.
+        unsafe { start.add(pixel).write(value) }
+    }
 }
