@@ -9,7 +9,7 @@ use candle::{Device, Tensor};
 use rand::seq::SliceRandom;
 
 use crate::rng::rng_for;
-use crate::{Dataset, Error, Result, Transform};
+use crate::{ClassPresence, Dataset, Error, Result, Transform};
 
 /// Stream tags, so the shuffle and the augmentation draw from unrelated generators.
 const SHUFFLE_STREAM: u64 = 1;
@@ -54,6 +54,8 @@ pub struct Batcher {
     transform: Option<Transform>,
     device: Device,
     prefetch: bool,
+    /// With equibatch sampling: the classes of each sample.
+    equibatch: Option<Arc<ClassPresence>>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -67,6 +69,7 @@ impl std::fmt::Debug for Batcher {
             .field("transform", &self.transform)
             .field("device", &self.device)
             .field("prefetch", &self.prefetch)
+            .field("equibatch", &self.equibatch.is_some())
             .finish()
     }
 }
@@ -84,6 +87,7 @@ impl Batcher {
             transform: None,
             device: Device::Cpu,
             prefetch: false,
+            equibatch: None,
         }
     }
 
@@ -133,6 +137,21 @@ impl Batcher {
         self
     }
 
+    /// Equibatch sampling ([`crate::equibatch`]): each epoch's order, drawn from
+    /// `(seed, epoch)` like a shuffle, puts every class in each batch as far as the data
+    /// allows. Reads every sample's mask once, here, to know its classes (a training
+    /// crop may leave some of them out of a batch).
+    pub fn equibatch(mut self, seed: u64) -> Result<Self> {
+        let k = self.dataset.num_classes();
+        let classes = (0..self.dataset.len())
+            .map(|i| Ok(ClassPresence::of_mask(&self.dataset.get(i)?.mask, k)))
+            .collect::<Result<Vec<_>>>()?;
+        self.equibatch = Some(Arc::new(ClassPresence::new(classes, k)));
+        self.shuffle = true;
+        self.seed = seed;
+        Ok(self)
+    }
+
     /// The data set being batched.
     pub fn dataset(&self) -> &Arc<dyn Dataset> {
         &self.dataset
@@ -150,6 +169,10 @@ impl Batcher {
 
     /// The sample indices of epoch `epoch`, in the order they are batched.
     pub fn order(&self, epoch: usize) -> Vec<usize> {
+        if let Some(presence) = &self.equibatch {
+            let mut rng = rng_for(self.seed, &[SHUFFLE_STREAM, epoch as u64]);
+            return presence.order(self.batch_size, &mut rng);
+        }
         let mut order: Vec<usize> = (0..self.dataset.len()).collect();
         if self.shuffle {
             order.shuffle(&mut rng_for(self.seed, &[SHUFFLE_STREAM, epoch as u64]));

@@ -140,3 +140,54 @@ fn errors_are_reported_not_panicked() {
     let zero: Vec<_> = Batcher::new(shapes(3)).batch_size(0).epoch(0).collect();
     assert!(zero.len() == 1 && zero[0].is_err());
 }
+
+/// Classes present in each batch of `epoch` (masks as returned by the batcher).
+fn classes_per_batch(b: &Batcher, epoch: usize, n_classes: usize) -> Vec<usize> {
+    b.epoch(epoch)
+        .map(|r| {
+            let (_, masks) = r.unwrap();
+            let masks: Vec<u32> = masks.flatten_all().unwrap().to_vec1().unwrap();
+            datasets::ClassPresence::of_mask(&masks, n_classes).len()
+        })
+        .collect()
+}
+
+#[test]
+fn equibatch_puts_more_classes_in_each_batch_than_a_shuffle() {
+    // The brain training split: 15 classes, the smallest structures in few slices.
+    let ds: Arc<dyn Dataset> =
+        Arc::new(datasets::BrainSlices::load(datasets::Split::Train).unwrap());
+    let k = ds.num_classes();
+    let shuffled = Batcher::new(Arc::clone(&ds)).batch_size(4).shuffle(7);
+    let equi = Batcher::new(Arc::clone(&ds))
+        .batch_size(4)
+        .equibatch(7)
+        .unwrap();
+    let (mut plain, mut spread, mut plain_min, mut spread_min) = (0, 0, usize::MAX, usize::MAX);
+    for epoch in 0..4 {
+        let order = equi.order(epoch);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            (0..ds.len()).collect::<Vec<_>>(),
+            "every slice once"
+        );
+        assert_eq!(order, equi.order(epoch), "reproducible");
+        let a = classes_per_batch(&shuffled, epoch, k);
+        let b = classes_per_batch(&equi, epoch, k);
+        assert_eq!(a.len(), b.len());
+        plain += a.iter().sum::<usize>();
+        spread += b.iter().sum::<usize>();
+        plain_min = plain_min.min(*a.iter().min().unwrap());
+        spread_min = spread_min.min(*b.iter().min().unwrap());
+    }
+    assert!(
+        spread > plain,
+        "classes per batch: equibatch {spread}, shuffle {plain}"
+    );
+    assert!(
+        spread_min >= plain_min,
+        "fewest classes in a batch: {spread_min} vs {plain_min}"
+    );
+}

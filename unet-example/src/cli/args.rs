@@ -97,6 +97,10 @@ pub struct TrainingArgs {
     /// Seed of the initial weights, the data order and the augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Equibatch sampling: each epoch's batches hold every class as far as the data
+    /// allows (the paper's equibatch; else a plain shuffle).
+    #[arg(long)]
+    pub equibatch: bool,
     /// U-Net depth: resolution levels (the input is pooled depth - 1 times).
     #[arg(long, default_value_t = TrainConfig::default().depth)]
     pub depth: usize,
@@ -128,6 +132,7 @@ impl TrainingArgs {
             hflip: self.hflip,
             scale: self.scale,
             seed: self.seed,
+            equibatch: self.equibatch,
             adamw: AdamWConfig {
                 weight_decay: self.weight_decay,
                 ..Default::default()
@@ -344,6 +349,8 @@ mod tests {
             "4",
         ]);
         assert_eq!(given.finetune_epochs, 4);
+        assert!(!given.equibatch);
+        assert!(config(&["unet-example", "train", "--equibatch"]).equibatch);
     }
 
     #[test]

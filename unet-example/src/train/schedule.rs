@@ -105,6 +105,10 @@ pub struct TrainConfig {
     pub scale: (f32, f32),
     /// Seed of the weights, data order and augmentation.
     pub seed: u64,
+    /// Equibatch sampling (`datasets::equibatch`): every class in each batch as far as
+    /// the data allows; else a plain shuffle. Absent from configs written before it.
+    #[serde(default)]
+    pub equibatch: bool,
     /// AdamW options.
     pub adamw: AdamWConfig,
     /// U-Net depth.
@@ -137,6 +141,7 @@ impl Default for TrainConfig {
             hflip: 0.5,
             scale: (0.9, 1.1),
             seed: 0,
+            equibatch: false,
             adamw: AdamWConfig::default(),
             depth: 4,
             base_width: 8,
@@ -247,6 +252,14 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configs_written_before_equibatch_still_read() {
+        let mut json = serde_json::to_value(TrainConfig::default()).unwrap();
+        json.as_object_mut().unwrap().remove("equibatch");
+        let cfg: TrainConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(cfg, TrainConfig::default());
+    }
 
     #[test]
     fn phases_of_the_default_schedule() {

@@ -173,7 +173,13 @@ impl Trainer {
         })?;
         let batcher = Batcher::new(Arc::clone(&splits.train))
             .batch_size(cfg.batch_size)
-            .shuffle(cfg.seed)
+            .shuffle(cfg.seed);
+        let batcher = if cfg.equibatch {
+            batcher.equibatch(cfg.seed)?
+        } else {
+            batcher
+        };
+        let batcher = batcher
             .drop_last(false)
             .transform(transform)
             .device(device)
