@@ -228,10 +228,22 @@ impl EvalReport {
 
     /// Per-class IoU, mIoU and pixel accuracy as an aligned text table (percent).
     pub fn table(&self) -> String {
-        let width = self
-            .classes
-            .iter()
-            .map(|c| c.name.len())
+        let worst = format!("worst {WORST_PERCENT} %");
+        let fine_grained = self.fine_grained.as_ref().map(|f| {
+            [
+                ("mIoU^I (images)".to_string(), f.miou_image),
+                ("mIoU^C (classes)".to_string(), f.miou_class),
+                (format!("mIoU^I, {worst}"), f.miou_image_worst),
+                (format!("mIoU^C, {worst}"), f.miou_class_worst),
+            ]
+        });
+        let width = (self.classes.iter().map(|c| c.name.len()))
+            .chain(
+                fine_grained
+                    .iter()
+                    .flatten()
+                    .map(|(name, _)| name.chars().count()),
+            )
             .max()
             .unwrap_or(5)
             .max(14);
@@ -255,17 +267,8 @@ impl EvalReport {
             "pixel accuracy",
             percent(self.pixel_accuracy)
         );
-        if let Some(f) = &self.fine_grained {
-            let worst = format!("worst {WORST_PERCENT} %");
-            let lines = [
-                ("mIoU^I (images)".to_string(), f.miou_image),
-                ("mIoU^C (classes)".to_string(), f.miou_class),
-                (format!("mIoU^I, {worst}"), f.miou_image_worst),
-                (format!("mIoU^C, {worst}"), f.miou_class_worst),
-            ];
-            for (name, v) in lines {
-                s += &format!("{name:width$}  {:>7}\n", percent(v));
-            }
+        for (name, v) in fine_grained.into_iter().flatten() {
+            s += &format!("{name:width$}  {:>7}\n", percent(v));
         }
         s
     }
@@ -334,7 +337,11 @@ mod tests {
         let f = r.fine_grained.clone().unwrap();
         assert_eq!(f.miou_image, Some(0.5));
         assert_eq!(f.miou_class, Some(0.5));
-        assert!(r.table().contains("mIoU^I (images)") && r.table().contains("worst 10 %"));
+        let table = r.table();
+        assert!(table.contains("mIoU^I (images)") && table.contains("worst 10 %"));
+        // The values stay in one column below the longest name.
+        let line = |start: &str| table.lines().find(|l| l.starts_with(start)).unwrap().len();
+        assert_eq!(line("mIoU^C, worst"), line("pixel accuracy"));
         // A report written before the field existed still reads.
         let mut json = serde_json::to_value(&r).unwrap();
         json.as_object_mut().unwrap().remove("fine_grained");
