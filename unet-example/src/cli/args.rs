@@ -11,7 +11,7 @@ use datasets::Split;
 use crate::device::DeviceChoice;
 use crate::model::Norm;
 use crate::optim::AdamWConfig;
-use crate::train::{LovaszClasses, Schedule, TrainConfig};
+use crate::train::{LovaszClasses, Sampling, Schedule, TrainConfig};
 use crate::Error;
 
 /// Train a U-Net with cross-entropy, then fine-tune it with cross-entropy + λ·Lovász-Softmax
@@ -97,10 +97,10 @@ pub struct TrainingArgs {
     /// Seed of the initial weights, the data order and the augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Equibatch sampling: each epoch's batches hold every class as far as the data
-    /// allows (the paper's equibatch; else a plain shuffle).
-    #[arg(long)]
-    pub equibatch: bool,
+    /// How batches are drawn: equibatch (the paper's: every class in each batch as far as
+    /// the data allows) or shuffle.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().sampling)]
+    pub sampling: Sampling,
     /// U-Net depth: resolution levels (the input is pooled depth - 1 times).
     #[arg(long, default_value_t = TrainConfig::default().depth)]
     pub depth: usize,
@@ -132,7 +132,7 @@ impl TrainingArgs {
             hflip: self.hflip,
             scale: self.scale,
             seed: self.seed,
-            equibatch: self.equibatch,
+            sampling: self.sampling,
             adamw: AdamWConfig {
                 weight_decay: self.weight_decay,
                 ..Default::default()
@@ -349,8 +349,9 @@ mod tests {
             "4",
         ]);
         assert_eq!(given.finetune_epochs, 4);
-        assert!(!given.equibatch);
-        assert!(config(&["unet-example", "train", "--equibatch"]).equibatch);
+        assert_eq!(given.sampling, Sampling::Equibatch);
+        let shuffled = config(&["unet-example", "train", "--sampling", "shuffle"]);
+        assert_eq!(shuffled.sampling, Sampling::Shuffle);
     }
 
     #[test]

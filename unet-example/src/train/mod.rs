@@ -26,7 +26,7 @@ pub use epoch::Outcome;
 pub use finish::Summary;
 pub use record::{metrics_csv, step_times, EpochRecord, StepTime};
 pub use run_config::{RunConfig, RunOptions};
-pub use schedule::{LovaszClasses, Phase, Schedule, TrainConfig};
+pub use schedule::{LovaszClasses, Phase, Sampling, Schedule, TrainConfig};
 pub use trainer::Trainer;
 // `spread` lives with the prediction grids; `train::spread` keeps working.
 pub use crate::visualise::spread;

@@ -69,6 +69,24 @@ pub enum LovaszClasses {
     All,
 }
 
+/// How each epoch's batches are drawn from the training split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sampling {
+    /// The paper's equibatch (`datasets::equibatch`): every class in each batch as far
+    /// as the data allows, every image once per epoch. The default.
+    Equibatch,
+    /// A plain shuffle (what runs written before this option used).
+    Shuffle,
+}
+
+impl Sampling {
+    /// The sampling of a `config.json` that does not name one: those runs shuffled.
+    fn before_the_option() -> Self {
+        Sampling::Shuffle
+    }
+}
+
 /// Everything that defines a training run (saved as `config.json` → `train`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -105,10 +123,9 @@ pub struct TrainConfig {
     pub scale: (f32, f32),
     /// Seed of the weights, data order and augmentation.
     pub seed: u64,
-    /// Equibatch sampling (`datasets::equibatch`): every class in each batch as far as
-    /// the data allows; else a plain shuffle. Absent from configs written before it.
-    #[serde(default)]
-    pub equibatch: bool,
+    /// How batches are drawn; configs written before this option read as `Shuffle`.
+    #[serde(default = "Sampling::before_the_option")]
+    pub sampling: Sampling,
     /// AdamW options.
     pub adamw: AdamWConfig,
     /// U-Net depth.
@@ -122,7 +139,8 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     /// The default run on the brain slices: the pilot's network and optimiser (widths
     /// 8/16/32/64, batch norm, AdamW 4e-3 with cosine decay, batch 4, flip and
-    /// scale/shift augmentation), CE then CE + Lovász for the last third of the epochs.
+    /// scale/shift augmentation), equibatch sampling, CE then CE + Lovász for the last
+    /// third of the epochs.
     fn default() -> Self {
         TrainConfig {
             dataset: "brain".to_string(),
@@ -141,7 +159,7 @@ impl Default for TrainConfig {
             hflip: 0.5,
             scale: (0.9, 1.1),
             seed: 0,
-            equibatch: false,
+            sampling: Sampling::Equibatch,
             adamw: AdamWConfig::default(),
             depth: 4,
             base_width: 8,
@@ -254,10 +272,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn configs_written_before_equibatch_still_read() {
+    fn configs_written_before_the_sampling_option_shuffle() {
         let mut json = serde_json::to_value(TrainConfig::default()).unwrap();
-        json.as_object_mut().unwrap().remove("equibatch");
+        json.as_object_mut().unwrap().remove("sampling");
         let cfg: TrainConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(cfg.sampling, Sampling::Shuffle);
+        let cfg = TrainConfig {
+            sampling: Sampling::Equibatch,
+            ..cfg
+        };
         assert_eq!(cfg, TrainConfig::default());
     }
 

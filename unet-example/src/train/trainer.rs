@@ -13,7 +13,7 @@ use tracing::info;
 
 use super::record::{metrics_csv, EpochRecord};
 use super::run_config::{RunConfig, RunOptions};
-use super::schedule::{Schedule, TrainConfig};
+use super::schedule::{Sampling, Schedule, TrainConfig};
 use crate::atomic_file::{write_bytes, write_json};
 use crate::checkpoint::{
     self, checkpoint_name, TrainState, CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE,
@@ -174,10 +174,9 @@ impl Trainer {
         let batcher = Batcher::new(Arc::clone(&splits.train))
             .batch_size(cfg.batch_size)
             .shuffle(cfg.seed);
-        let batcher = if cfg.equibatch {
-            batcher.equibatch(cfg.seed)?
-        } else {
-            batcher
+        let batcher = match cfg.sampling {
+            Sampling::Equibatch => batcher.equibatch(cfg.seed)?,
+            Sampling::Shuffle => batcher,
         };
         let batcher = batcher
             .drop_last(false)
