@@ -164,6 +164,14 @@ fn bad_data_sets_and_paths() {
         "multiples of 8",
     );
     fails_with(&unet(&["train", "--epochs", "0"], tmp.path()), "--epochs");
+    // A crop larger than every image (32x32 here) would be all padding.
+    fails_with(
+        &unet(
+            &["train", "--dataset", "shapes:32:6", "--crop", "1000x1000"],
+            tmp.path(),
+        ),
+        "larger than every training image (at most 32x32)",
+    );
 }
 
 #[test]

@@ -159,6 +159,9 @@ impl Trainer {
         crate::eval::check_compatible(&model, &*splits.train)?;
         let opt = AdamW::new(model.trainable_vars(), cfg.adamw)?;
         let first = splits.train.get(0)?;
+        if let Some(crop) = cfg.crop {
+            check_crop_fits(crop, &*splits.train)?;
+        }
         let crop = cfg.crop.or_else(|| {
             // Scale jitter needs a crop back to a fixed size (which also shifts).
             (cfg.scale != (1.0, 1.0)).then_some((first.height, first.width))
@@ -292,4 +295,22 @@ fn prepare_output(dir: &Path, overwrite: bool) -> Result<()> {
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Fails when the training crop `(h, w)` is taller or wider than every training image:
+/// such a crop would be mostly padding (the transform pads smaller images), which is a
+/// mistake rather than a choice. A crop larger than only some images (as for Pascal VOC)
+/// is allowed; those images are padded.
+fn check_crop_fits((h, w): (usize, usize), train: &dyn Dataset) -> Result<()> {
+    let (mut max_h, mut max_w) = (0, 0);
+    for i in 0..train.len() {
+        let s = train.get(i)?;
+        (max_h, max_w) = (max_h.max(s.height), max_w.max(s.width));
+    }
+    if h > max_h || w > max_w {
+        return Err(Error::Usage(format!(
+            "--crop {h}x{w} is larger than every training image (at most {max_h}x{max_w}): pass a crop that fits the data"
+        )));
+    }
+    Ok(())
 }
