@@ -140,13 +140,27 @@ impl Batcher {
     /// Equibatch sampling ([`crate::equibatch`]): each epoch's order, drawn from
     /// `(seed, epoch)` like a shuffle, puts every class in each batch as far as the data
     /// allows. Reads every sample's mask once, here, to know its classes (a training
-    /// crop may leave some of them out of a batch).
-    pub fn equibatch(mut self, seed: u64) -> Result<Self> {
+    /// crop may leave some of them out of a batch); [`Batcher::equibatch_with`] takes
+    /// classes already known.
+    pub fn equibatch(self, seed: u64) -> Result<Self> {
         let k = self.dataset.num_classes();
         let classes = (0..self.dataset.len())
             .map(|i| Ok(ClassPresence::of_mask(&self.dataset.get(i)?.mask, k)))
             .collect::<Result<Vec<_>>>()?;
-        self.equibatch = Some(Arc::new(ClassPresence::new(classes, k)));
+        self.equibatch_with(ClassPresence::new(classes, k), seed)
+    }
+
+    /// [`Batcher::equibatch`] with the classes of every sample given; fails unless there
+    /// is one entry per sample of the data set.
+    pub fn equibatch_with(mut self, presence: ClassPresence, seed: u64) -> Result<Self> {
+        if presence.len() != self.dataset.len() {
+            return Err(Error::Config(format!(
+                "equibatch: classes of {} samples for a data set of {}",
+                presence.len(),
+                self.dataset.len()
+            )));
+        }
+        self.equibatch = Some(Arc::new(presence));
         self.shuffle = true;
         self.seed = seed;
         Ok(self)

@@ -191,3 +191,27 @@ fn equibatch_puts_more_classes_in_each_batch_than_a_shuffle() {
         "fewest classes in a batch: {spread_min} vs {plain_min}"
     );
 }
+
+#[test]
+fn equibatch_with_known_classes_gives_the_same_order() {
+    let ds = shapes(12);
+    let k = ds.num_classes();
+    let classes: Vec<Vec<u32>> = (0..ds.len())
+        .map(|i| datasets::ClassPresence::of_mask(&ds.get(i).unwrap().mask, k))
+        .collect();
+    let presence = datasets::ClassPresence::new(classes, k);
+    let scanned = Batcher::new(Arc::clone(&ds))
+        .batch_size(4)
+        .equibatch(3)
+        .unwrap();
+    let given = Batcher::new(Arc::clone(&ds))
+        .batch_size(4)
+        .equibatch_with(presence.clone(), 3)
+        .unwrap();
+    for epoch in 0..3 {
+        assert_eq!(scanned.order(epoch), given.order(epoch));
+    }
+    let short = datasets::ClassPresence::new(vec![vec![0]; 5], k);
+    let err = Batcher::new(ds).equibatch_with(short, 3).unwrap_err();
+    assert!(err.to_string().contains("5 samples"), "{err}");
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle::Device;
-use datasets::{Batcher, Dataset, Split, Transform, TransformConfig};
+use datasets::{Batcher, ClassPresence, Dataset, Split, Transform, TransformConfig};
 use tracing::info;
 
 use super::record::{metrics_csv, EpochRecord};
@@ -159,8 +159,12 @@ impl Trainer {
         crate::eval::check_compatible(&model, &*splits.train)?;
         let opt = AdamW::new(model.trainable_vars(), cfg.adamw)?;
         let first = splits.train.get(0)?;
-        if let Some(crop) = cfg.crop {
-            check_crop_fits(crop, &*splits.train)?;
+        // One pass over the training images serves the crop check and equibatch.
+        let scan = (cfg.crop.is_some() || cfg.sampling == Sampling::Equibatch)
+            .then(|| TrainingScan::of(&*splits.train))
+            .transpose()?;
+        if let (Some(crop), Some(scan)) = (cfg.crop, &scan) {
+            scan.check_crop_fits(crop)?;
         }
         let crop = cfg.crop.or_else(|| {
             // Scale jitter needs a crop back to a fixed size (which also shifts).
@@ -177,9 +181,9 @@ impl Trainer {
         let batcher = Batcher::new(Arc::clone(&splits.train))
             .batch_size(cfg.batch_size)
             .shuffle(cfg.seed);
-        let batcher = match cfg.sampling {
-            Sampling::Equibatch => batcher.equibatch(cfg.seed)?,
-            Sampling::Shuffle => batcher,
+        let batcher = match (cfg.sampling, scan) {
+            (Sampling::Equibatch, Some(scan)) => batcher.equibatch_with(scan.classes, cfg.seed)?,
+            _ => batcher,
         };
         let batcher = batcher
             .drop_last(false)
@@ -297,20 +301,40 @@ fn prepare_output(dir: &Path, overwrite: bool) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
 }
 
-/// Fails when the training crop `(h, w)` is taller or wider than every training image:
-/// such a crop would be mostly padding (the transform pads smaller images), which is a
-/// mistake rather than a choice. A crop larger than only some images (as for Pascal VOC)
-/// is allowed; those images are padded.
-fn check_crop_fits((h, w): (usize, usize), train: &dyn Dataset) -> Result<()> {
-    let (mut max_h, mut max_w) = (0, 0);
-    for i in 0..train.len() {
-        let s = train.get(i)?;
-        (max_h, max_w) = (max_h.max(s.height), max_w.max(s.width));
+/// What one pass over the training images finds: the largest height and width, and the
+/// classes of each image.
+struct TrainingScan {
+    max_size: (usize, usize),
+    classes: ClassPresence,
+}
+
+impl TrainingScan {
+    fn of(train: &dyn Dataset) -> Result<Self> {
+        let k = train.num_classes();
+        let (mut max_h, mut max_w) = (0, 0);
+        let mut classes = Vec::with_capacity(train.len());
+        for i in 0..train.len() {
+            let s = train.get(i)?;
+            (max_h, max_w) = (max_h.max(s.height), max_w.max(s.width));
+            classes.push(ClassPresence::of_mask(&s.mask, k));
+        }
+        Ok(Self {
+            max_size: (max_h, max_w),
+            classes: ClassPresence::new(classes, k),
+        })
     }
-    if h > max_h || w > max_w {
-        return Err(Error::Usage(format!(
-            "--crop {h}x{w} is larger than every training image (at most {max_h}x{max_w}): pass a crop that fits the data"
-        )));
+
+    /// Fails when the training crop `(h, w)` is taller or wider than every training
+    /// image: such a crop would be mostly padding (the transform pads smaller images),
+    /// a mistake rather than a choice. A crop larger than only some images (as for
+    /// Pascal VOC) is allowed; those images are padded.
+    fn check_crop_fits(&self, (h, w): (usize, usize)) -> Result<()> {
+        let (max_h, max_w) = self.max_size;
+        if h > max_h || w > max_w {
+            return Err(Error::Usage(format!(
+                "--crop {h}x{w} is larger than every training image (at most {max_h}x{max_w}): pass a crop that fits the data"
+            )));
+        }
+        Ok(())
     }
-    Ok(())
 }
