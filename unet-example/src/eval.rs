@@ -87,7 +87,15 @@ pub fn confusion(
     norm: &Normalisation,
     batch_size: usize,
 ) -> Result<ConfusionMatrix> {
-    Ok(evaluate(model, dataset, norm, batch_size)?.confusion)
+    let mut cm = ConfusionMatrix::new(dataset.num_classes(), Some(VOID));
+    for_each_prediction(
+        model,
+        dataset,
+        norm,
+        batch_size,
+        |p, l| Ok(cm.update(p, l)?),
+    )?;
+    Ok(cm)
 }
 
 /// The [`SplitMetrics`] of `model` on every sample of `dataset`.
@@ -97,10 +105,29 @@ pub fn evaluate(
     norm: &Normalisation,
     batch_size: usize,
 ) -> Result<SplitMetrics> {
-    check_compatible(model, dataset)?;
     let k = dataset.num_classes();
     let mut cm = ConfusionMatrix::new(k, Some(VOID));
     let mut fine_grained = FineGrainedIou::new(k, Some(VOID));
+    for_each_prediction(model, dataset, norm, batch_size, |p, l| {
+        cm.update(p, l)?;
+        Ok(fine_grained.update(p, l)?)
+    })?;
+    Ok(SplitMetrics {
+        confusion: cm,
+        fine_grained,
+    })
+}
+
+/// Calls `f` with each sample's prediction and mask, u32 `[1, H, W]` on the CPU, in
+/// order, after checking that `dataset` fits `model`.
+fn for_each_prediction(
+    model: &UNet,
+    dataset: &dyn Dataset,
+    norm: &Normalisation,
+    batch_size: usize,
+    mut f: impl FnMut(&Tensor, &Tensor) -> Result<()>,
+) -> Result<()> {
+    check_compatible(model, dataset)?;
     let chunk = batch_size.max(1) * 4;
     let mut i = 0;
     while i < dataset.len() {
@@ -112,15 +139,11 @@ pub fn evaluate(
             let dev = &candle::Device::Cpu;
             let p = Tensor::from_vec(p, (1, s.height, s.width), dev)?;
             let l = Tensor::from_vec(s.mask.clone(), (1, s.height, s.width), dev)?;
-            cm.update(&p, &l)?;
-            fine_grained.update(&p, &l)?;
+            f(&p, &l)?;
         }
         i += chunk;
     }
-    Ok(SplitMetrics {
-        confusion: cm,
-        fine_grained,
-    })
+    Ok(())
 }
 
 /// The share of images (or of each class's images) in the worst-case fine-grained means.
