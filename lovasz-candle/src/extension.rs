@@ -236,15 +236,12 @@ impl FusedLovasz {
         let (c_n, s_n) = (dims.1, dims.2);
         let nan = solved.nan
             || (solved.unread_rows.par_iter()).any(|&r| {
-                let is_nan = |v: &T| v.to_f64().is_nan();
-                match self.order {
-                    ChannelOrder::First => data[r * s_n..(r + 1) * s_n].iter().any(is_nan),
-                    ChannelOrder::Last => {
-                        let (b, c) = (r / c_n, r % c_n);
-                        let image = &data[b * s_n * c_n..(b + 1) * s_n * c_n];
-                        image[c..].iter().step_by(c_n).any(is_nan)
-                    }
-                }
+                let (b, c) = (r / c_n, r % c_n);
+                (0..s_n).any(|i| {
+                    data[self.order.index((c_n, s_n), b, c, i)]
+                        .to_f64()
+                        .is_nan()
+                })
             });
         Ok(solved
             .losses

@@ -78,9 +78,25 @@ impl<T> Problem<'_, T> {
     /// The position in `data` (and in the output) of `channel` at `pixel` of `image`.
     #[inline]
     pub(crate) fn index(&self, image: usize, channel: usize, pixel: usize) -> usize {
-        match self.order {
-            ChannelOrder::First => (image * self.channels + channel) * self.spatial + pixel,
-            ChannelOrder::Last => (image * self.spatial + pixel) * self.channels + channel,
+        let dims = (self.channels, self.spatial);
+        self.order.index(dims, image, channel, pixel)
+    }
+}
+
+impl ChannelOrder {
+    /// The position of `channel` at `pixel` of `image` in values of `(C, S) = dims` per
+    /// image laid out in this order.
+    #[inline]
+    pub(crate) fn index(
+        self,
+        (channels, spatial): (usize, usize),
+        image: usize,
+        channel: usize,
+        pixel: usize,
+    ) -> usize {
+        match self {
+            ChannelOrder::First => (image * channels + channel) * spatial + pixel,
+            ChannelOrder::Last => (image * spatial + pixel) * channels + channel,
         }
     }
 }
