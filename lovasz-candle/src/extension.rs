@@ -14,7 +14,8 @@ use rayon::prelude::*;
 
 use crate::channel_softmax::{softmax, softmax_backward};
 use crate::config::Reduction;
-use crate::input::{host_copy_forced, with_host_slice};
+use crate::input::{device_emulation_forced, host_copy_forced, with_host_slice};
+use crate::kernel::segmented::{self, host::HostPrimitives, Call};
 use crate::kernel::{solve, ChannelOrder, ErrorKind, HostSort, Output, Problem, Selection, Solved};
 
 /// Everything about a loss but its input tensor.
@@ -57,6 +58,50 @@ impl LossSpec {
             group_scale,
         };
         solve(&problem, &self.selection)
+    }
+
+    /// The device path's plan of this loss over inputs of `dims` and dtype `T`.
+    pub(crate) fn call<T: HostSort>(
+        &self,
+        dims: (usize, usize, usize),
+        output: Output,
+        group_scale: f64,
+        from_logits: bool,
+    ) -> Result<Call> {
+        let shape = segmented::Shape {
+            dims,
+            order: self.order,
+            kind: self.kind,
+            output,
+            per_image: self.per_image,
+            group_scale,
+            from_logits,
+            wide: T::DTYPE == DType::F64,
+        };
+        Call::new(shape, &self.selection, &self.labels)
+    }
+
+    /// The device path on the host ([`segmented::host`]): per-pixel values and per-group
+    /// losses, as [`Self::solve`] gives them (with the softmax and its Jacobian inside
+    /// when `from_logits`).
+    fn emulate<T: HostSort>(
+        &self,
+        data: &[T],
+        dims: (usize, usize, usize),
+        output: Output,
+        group_scale: f64,
+        from_logits: bool,
+    ) -> Result<Solved<T>> {
+        let call = self.call::<T>(dims, output, group_scale, from_logits)?;
+        let mut host = HostPrimitives::new(&call, data, &self.labels)?;
+        segmented::run(&mut host, &call)?;
+        Ok(Solved {
+            values: host.out,
+            nan: host.losses.iter().any(|l| l.to_f64().is_nan()),
+            offsets: host.offsets,
+            losses: host.losses.iter().map(|l| l.to_f64()).collect(),
+            unread_rows: Vec::new(),
+        })
     }
 }
 
@@ -153,16 +198,19 @@ impl Prepared {
     fn solve_on_host(&self, output: Output, scale: f64) -> Result<(Tensor, Vec<f64>)> {
         let dims = self.dims;
         let (shape, device) = (self.x.shape(), self.x.device());
+        let emulate = device_emulation_forced();
         match self.x.dtype() {
             DType::F32 => {
-                let s = with_host_slice::<f32, _>(&self.x, |d| {
-                    self.spec.solve(d, dims, output, scale)
+                let s = with_host_slice::<f32, _>(&self.x, |d| match emulate {
+                    true => self.spec.emulate(d, dims, output, scale, false),
+                    false => self.spec.solve(d, dims, output, scale),
                 })?;
                 Ok((Tensor::from_vec(s.values, shape, device)?, s.offsets))
             }
             DType::F64 => {
-                let s = with_host_slice::<f64, _>(&self.x, |d| {
-                    self.spec.solve(d, dims, output, scale)
+                let s = with_host_slice::<f64, _>(&self.x, |d| match emulate {
+                    true => self.spec.emulate(d, dims, output, scale, false),
+                    false => self.spec.solve(d, dims, output, scale),
                 })?;
                 Ok((Tensor::from_vec(s.values, shape, device)?, s.offsets))
             }
@@ -207,6 +255,18 @@ impl FusedLovasz {
                 input.len()
             )
         }
+        let spec = self.take_spec()?;
+        if device_emulation_forced() {
+            let solved = spec.emulate(
+                input,
+                dims,
+                Output::Linear,
+                self.group_scale,
+                self.from_logits,
+            )?;
+            self.keep(Tensor::from_vec(solved.values, shape, &Device::Cpu)?)?;
+            return Ok(solved.losses.into_iter().map(T::from_f64).collect());
+        }
         let probas;
         let data = if self.from_logits {
             probas = softmax(input, dims, self.order);
@@ -214,23 +274,12 @@ impl FusedLovasz {
         } else {
             input
         };
-        let spec = match self.spec.lock() {
-            Ok(mut slot) => slot.take(),
-            Err(_) => bail!("lovasz: loss spec poisoned by an earlier panic"),
-        };
-        let Some(spec) = spec else {
-            bail!("lovasz: the forward pass of this op ran twice (internal error)")
-        };
         let mut solved = spec.solve(data, dims, Output::Linear, self.group_scale)?;
         drop(spec);
         if self.from_logits {
             softmax_backward(data, &mut solved.values, dims, self.order);
         }
-        let coefficients = Tensor::from_vec(solved.values, shape, &Device::Cpu)?;
-        match self.coefficients.lock() {
-            Ok(mut slot) => *slot = Some(coefficients),
-            Err(_) => bail!("lovasz: coefficient store poisoned by an earlier panic"),
-        }
+        self.keep(Tensor::from_vec(solved.values, shape, &Device::Cpu)?)?;
         // NaN anywhere in the input gives a NaN loss, as the device path does. The kernel
         // saw the rows its jobs read; only the others are scanned here.
         let (c_n, s_n) = (dims.1, dims.2);
@@ -248,6 +297,29 @@ impl FusedLovasz {
             .into_iter()
             .map(|l| T::from_f64(if nan { f64::NAN } else { l }))
             .collect())
+    }
+}
+
+impl FusedLovasz {
+    /// The loss spec, taken by the one forward pass.
+    fn take_spec(&self) -> Result<LossSpec> {
+        let spec = match self.spec.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(_) => bail!("lovasz: loss spec poisoned by an earlier panic"),
+        };
+        match spec {
+            Some(spec) => Ok(spec),
+            None => bail!("lovasz: the forward pass of this op ran twice (internal error)"),
+        }
+    }
+
+    /// Keeps the coefficients `A` for the backward pass.
+    fn keep(&self, coefficients: Tensor) -> Result<()> {
+        match self.coefficients.lock() {
+            Ok(mut slot) => *slot = Some(coefficients),
+            Err(_) => bail!("lovasz: coefficient store poisoned by an earlier panic"),
+        }
+        Ok(())
     }
 }
 

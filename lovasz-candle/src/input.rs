@@ -25,6 +25,23 @@ pub(crate) fn host_copy_forced() -> bool {
     FORCE_HOST_COPY.with(|f| f.get())
 }
 
+thread_local! {
+    static FORCE_DEVICE_EMULATION: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs, on the current thread, the GPU path's composition on the CPU: the same planned
+/// chunks, keys, sorts, prefix counts and closed-form walk as the CUDA kernels, as host
+/// loops (`kernel::segmented::host`). Results must match the CPU kernel; this exists so
+/// that the device path can be tested on a machine without a GPU.
+#[doc(hidden)]
+pub fn force_device_emulation(on: bool) {
+    FORCE_DEVICE_EMULATION.with(|f| f.set(on));
+}
+
+pub(crate) fn device_emulation_forced() -> bool {
+    FORCE_DEVICE_EMULATION.with(|f| f.get())
+}
+
 /// Checks that `t` has a floating-point dtype and returns the dtype the loss is computed
 /// in: f32 for f16 / bf16 / f32, f64 for f64.
 pub(crate) fn compute_dtype(t: &Tensor, what: &str) -> Result<DType> {

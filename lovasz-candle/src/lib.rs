@@ -125,7 +125,7 @@ pub use binary::{lovasz_hinge, lovasz_hinge_multilabel, lovasz_hinge_weights, lo
 pub use config::{Classes, LovaszHingeConfig, LovaszSigmoidConfig, LovaszSoftmaxConfig, Reduction};
 pub use cross_entropy::{cross_entropy, CrossEntropyConfig};
 #[doc(hidden)]
-pub use input::force_host_copy;
+pub use input::{force_device_emulation, force_host_copy};
 pub use jaccard::lovasz_grad;
 pub use kernel::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub use softmax::{lovasz_softmax, lovasz_softmax_weights, lovasz_softmax_with_logits};

@@ -10,8 +10,9 @@ use anyhow::{bail, Context, Result};
 use candle::{DType, Device, Tensor, Var};
 use lovasz_candle::metrics::{iou, iou_binary, IouConfig};
 use lovasz_candle::{
-    binary_xloss, force_host_copy, lovasz_grad, lovasz_hinge, lovasz_sigmoid, lovasz_softmax,
-    Classes, LovaszHingeConfig, LovaszSigmoidConfig, LovaszSoftmaxConfig,
+    binary_xloss, force_device_emulation, force_host_copy, lovasz_grad, lovasz_hinge,
+    lovasz_sigmoid, lovasz_softmax, Classes, LovaszHingeConfig, LovaszSigmoidConfig,
+    LovaszSoftmaxConfig,
 };
 use serde_json::Value;
 
@@ -202,17 +203,29 @@ fn check_case(fx: &Fixtures, case: &Value, dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// The path a loss takes on the CPU.
+#[derive(Clone, Copy)]
+enum Path {
+    /// The fused CPU op.
+    Cpu,
+    /// The path of devices without a kernel of their own: the input copied to the host.
+    HostCopy,
+    /// The GPU path's composition, emulated on the host.
+    Emulated,
+}
+
 /// Runs `check` on every case that `select` picks (there must be `expected` of them),
-/// with the host-copy path forced when `host_copy`; fails with every failing case.
+/// on `path`; fails with every failing case.
 fn check_cases(
     what: &str,
-    host_copy: bool,
+    path: Path,
     expected: usize,
     select: impl Fn(&Value) -> bool,
     check: impl Fn(&Fixtures, &Value) -> Result<()>,
 ) -> Result<()> {
     let fx = fixtures()?;
-    force_host_copy(host_copy);
+    force_host_copy(matches!(path, Path::HostCopy));
+    force_device_emulation(matches!(path, Path::Emulated));
     let mut failures = Vec::new();
     let mut checked = 0;
     for case in fx.cases.iter().filter(|c| select(c)) {
@@ -222,6 +235,7 @@ fn check_cases(
         }
     }
     force_host_copy(false);
+    force_device_emulation(false);
     assert_eq!(checked, expected, "fixture count changed");
     if !failures.is_empty() {
         bail!(
@@ -233,11 +247,11 @@ fn check_cases(
     Ok(())
 }
 
-fn check_all(dtype: DType, host_copy: bool) -> Result<()> {
+fn check_all(dtype: DType, path: Path) -> Result<()> {
     let what = format!("cases ({dtype:?})");
     check_cases(
         &what,
-        host_copy,
+        path,
         83,
         |_| true,
         |fx, case| check_case(fx, case, dtype),
@@ -253,10 +267,10 @@ fn channels_last(t: &Tensor) -> Result<Tensor> {
 
 /// Every Lovász-Softmax case with its probabilities given channels last
 /// (`channels_last: true`): the reference's loss, and its gradient in that layout.
-fn check_softmax_channels_last(dtype: DType, host_copy: bool) -> Result<()> {
+fn check_softmax_channels_last(dtype: DType, path: Path) -> Result<()> {
     let softmax = |case: &Value| case["function"].as_str() == Some("lovasz_softmax");
     let what = format!("channels-last cases ({dtype:?})");
-    check_cases(&what, host_copy, 35, softmax, |fx, case| {
+    check_cases(&what, path, 35, softmax, |fx, case| {
         let name = case["name"].as_str().context("name")?;
         let probas = channels_last(&fx.get(case, "inputs", "probas")?)?;
         let labels = fx.get(case, "inputs", "labels")?;
@@ -274,30 +288,45 @@ fn check_softmax_channels_last(dtype: DType, host_copy: bool) -> Result<()> {
 
 #[test]
 fn reference_softmax_channels_last_f32() -> Result<()> {
-    check_softmax_channels_last(DType::F32, false)
+    check_softmax_channels_last(DType::F32, Path::Cpu)
 }
 
 #[test]
 fn reference_softmax_channels_last_f64() -> Result<()> {
-    check_softmax_channels_last(DType::F64, false)
+    check_softmax_channels_last(DType::F64, Path::Cpu)
 }
 
 #[test]
 fn reference_softmax_channels_last_host_copy_path() -> Result<()> {
-    check_softmax_channels_last(DType::F32, true)
+    check_softmax_channels_last(DType::F32, Path::HostCopy)
 }
 
 #[test]
 fn reference_cases_f32() -> Result<()> {
-    check_all(DType::F32, false)
+    check_all(DType::F32, Path::Cpu)
 }
 
 #[test]
 fn reference_cases_f64() -> Result<()> {
-    check_all(DType::F64, false)
+    check_all(DType::F64, Path::Cpu)
 }
 
 #[test]
 fn reference_cases_host_copy_path() -> Result<()> {
-    check_all(DType::F32, true)
+    check_all(DType::F32, Path::HostCopy)
+}
+
+#[test]
+fn reference_cases_device_emulation_f32() -> Result<()> {
+    check_all(DType::F32, Path::Emulated)
+}
+
+#[test]
+fn reference_cases_device_emulation_f64() -> Result<()> {
+    check_all(DType::F64, Path::Emulated)
+}
+
+#[test]
+fn reference_softmax_channels_last_device_emulation() -> Result<()> {
+    check_softmax_channels_last(DType::F32, Path::Emulated)
 }

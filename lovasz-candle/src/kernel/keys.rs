@@ -12,6 +12,9 @@ pub(crate) trait Real: candle::WithDType + PartialOrd {
     /// ascending integer order is descending error order, ties by ascending index.
     type Packed: Ord + Copy + Send + Sync + 'static;
     fn pack(err: Self, index: u32, slope: bool, fg: bool) -> Self::Packed;
+    /// The high half of [`Real::pack`]'s key, widened to `u64`: ascending order of these
+    /// is descending error order (the total order of IEEE floats, reversed).
+    fn error_key(err: Self) -> u64;
     /// The pixel index (`< 2^30`), the slope bit and the foreground bit.
     fn unpack(p: Self::Packed) -> (usize, bool, bool);
     /// The error a key was made from.
@@ -73,19 +76,15 @@ macro_rules! float_bit_ops {
 /// into `$packed` (twice as wide): the error's bits in the high half, the low word of
 /// [`low_word`] in the bottom 32 bits.
 macro_rules! packed_key_ops {
-    ($t:ty, $bits:ty, $packed:ty) => {
+    ($t:ty, $bits:ty, $packed:ty, $descending:ident) => {
         #[inline]
         fn pack(err: $t, index: u32, slope: bool, fg: bool) -> $packed {
-            const TOP: u32 = <$bits>::BITS - 1;
-            let bits = err.to_bits();
-            // Total order of IEEE floats as unsigned integers, then reversed.
-            let ascending = if bits >> TOP == 1 {
-                !bits
-            } else {
-                bits | 1 << TOP
-            };
-            (<$packed>::from(!ascending) << <$bits>::BITS)
+            (<$packed>::from($descending(err)) << <$bits>::BITS)
                 | <$packed>::from(low_word(index, slope, fg))
+        }
+        #[inline]
+        fn error_key(err: $t) -> u64 {
+            u64::from($descending(err))
         }
         #[inline]
         fn unpack(p: $packed) -> (usize, bool, bool) {
@@ -120,16 +119,37 @@ macro_rules! packed_key_ops {
     };
 }
 
+/// The total order of IEEE floats of the width `$bits` as unsigned integers, reversed:
+/// ascending order of the results is descending order of the floats.
+macro_rules! descending_bits {
+    ($name:ident, $t:ty, $bits:ty) => {
+        #[inline]
+        fn $name(err: $t) -> $bits {
+            const TOP: u32 = <$bits>::BITS - 1;
+            let bits = err.to_bits();
+            let ascending = if bits >> TOP == 1 {
+                !bits
+            } else {
+                bits | 1 << TOP
+            };
+            !ascending
+        }
+    };
+}
+
+descending_bits!(descending_bits32, f32, u32);
+descending_bits!(descending_bits64, f64, u64);
+
 impl Real for f32 {
     type Packed = u64;
     float_bit_ops!(f32, u32, 0x3f80_0000);
-    packed_key_ops!(f32, u32, u64);
+    packed_key_ops!(f32, u32, u64, descending_bits32);
 }
 
 impl Real for f64 {
     type Packed = u128;
     float_bit_ops!(f64, u64, 0x3ff0_0000_0000_0000);
-    packed_key_ops!(f64, u64, u128);
+    packed_key_ops!(f64, u64, u128, descending_bits64);
 }
 
 /// Bits of a key's pixel index that hold the pixel within its image: enough for

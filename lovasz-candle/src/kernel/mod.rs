@@ -42,6 +42,7 @@ pub(crate) mod jaccard_walk;
 pub(crate) mod keys;
 pub(crate) mod plan;
 pub(crate) mod problem;
+pub(crate) mod segmented;
 
 pub use cpu::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub(crate) use cpu::{solve, HostSort};

@@ -31,7 +31,17 @@ pub(crate) fn groups<T>(p: &Problem<T>) -> Result<Vec<Range<usize>>> {
     if p.data.len() != b_n * c_n * s_n || p.labels.len() != b_n * s_n {
         bail!("lovasz kernel: inconsistent sizes (internal error)")
     }
-    let groups: Vec<Range<usize>> = if p.per_image {
+    group_ranges(b_n, s_n, p.per_image)
+}
+
+/// [`groups`] of a batch of `batch` images of `spatial` pixels, without the slices.
+pub(crate) fn group_ranges(
+    batch: usize,
+    spatial: usize,
+    per_image: bool,
+) -> Result<Vec<Range<usize>>> {
+    let (b_n, s_n) = (batch, spatial);
+    let groups: Vec<Range<usize>> = if per_image {
         (0..b_n).map(|b| b..b + 1).collect()
     } else {
         std::iter::once(0..b_n).collect()

@@ -41,7 +41,7 @@ use crate::kernel::plan;
 use crate::kernel::problem::{ChannelOrder, Problem, Selection, Solved};
 use buffer::zeroed;
 use job::{run_job, Workspace};
-use label_counts::count_labels;
+pub(crate) use label_counts::count_labels;
 use walk::JobSums;
 
 /// Builds the weights (or linear coefficients) of the loss described by `p` and `sel`.

@@ -1,0 +1,264 @@
+//! The kernel as a GPU runs it: the jobs of a call laid out side by side in flat arrays,
+//! ranked by one radix sort per chunk of jobs, counted by one prefix sum, and walked
+//! pixel by pixel in closed form. The steps are [`Primitives`]; the CUDA backend
+//! (`kernel/cuda/`) runs each as a kernel or a CUB call on candle's stream, and
+//! [`host`] runs the same steps with plain loops, so that everything around the device
+//! code (segment layout, key format, offsets, the closed form, the scatter, the sums) is
+//! tested on any machine against the CPU kernel ([`crate::kernel::cpu`]).
+//!
+//! # Layout
+//!
+//! Every job (group, class) of a call covers the `L` pixels of its group (`L = S` per
+//! image, `B·S` per batch), so a chunk of `K` consecutive jobs is an array of `K·L`
+//! elements in which element `e` is pixel `i = e mod L` of job `e / L`
+//! ([`element::locate`]). Each element gets a 64-bit key and a value
+//! ([`element::key_of`]):
+//!
+//! - f32: key `job << 32 | error key` ([`Real::error_key`](crate::kernel::Real)), value
+//!   `i << 2 | slope << 1 | fg`. One stable sort of the low `32 + bits(K - 1)` key bits
+//!   leaves each job's pixels in its own `L` slots, in decreasing error order, ties by
+//!   ascending pixel (the CPU kernel's order).
+//! - f64: key the 64-bit error key, value `e << 2 | slope << 1 | fg`; a stable sort by
+//!   key, then a stable sort by job (`(value >> 2) / L`), give the same order.
+//!
+//! Void pixels take the largest key of their job and sort last; a job's first
+//! `valid` slots (its group's non-void pixels) are its ranking. An exclusive prefix sum
+//! of the foreground bits over the chunk, less its value at the job's first slot, is the
+//! foreground count before each slot, from which the Jaccard weight follows in closed
+//! form ([`JaccardWalk::resume`](crate::kernel::JaccardWalk)), bit for bit the weight the
+//! CPU kernel's walk gives. Per block of [`WALK_BLOCK`] slots the offsets and losses are
+//! summed in f64, then per job in block order into the group's sums.
+//!
+//! # Memory
+//!
+//! Chunks are sized so that their working set (keys, values, both twice for the sort,
+//! and the counts: [`element::bytes_per_element`]) stays within [`WORK_FACTOR`] times the
+//! input's bytes, and always hold at least one job: a call with one job of `N` pixels
+//! (a binary loss) needs 28 bytes per pixel in f32.
+
+pub(crate) mod element;
+pub(crate) mod host;
+
+use std::ops::Range;
+
+use candle::{bail, Result};
+use rayon::prelude::*;
+
+use crate::input::VOID;
+use crate::kernel::cpu::count_labels;
+use crate::kernel::plan;
+use crate::kernel::problem::{ChannelOrder, ErrorKind, Output, Selection};
+
+/// Slots per block of the walk: the unit of its partial sums.
+pub(crate) const WALK_BLOCK: usize = 1024;
+
+/// A chunk's working set may take up to this many times the input's bytes.
+pub(crate) const WORK_FACTOR: usize = 2;
+
+/// The most elements one chunk may hold (counts and indices are 32-bit on the device).
+pub(crate) const MAX_CHUNK_ELEMS: usize = (1 << 31) - 1;
+
+/// One (group, class) job as the device reads it (`#[repr(C)]`: the CUDA code declares
+/// the same struct).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct JobRecord {
+    /// The first image of the job's group.
+    pub first_image: u32,
+    pub class: u32,
+    pub channel: u32,
+    pub group: u32,
+    /// Non-void pixels in the group: the job's first `valid` sorted slots are ranked.
+    pub valid: u64,
+    /// Foreground pixels in the group.
+    pub gts: u64,
+    /// The factor on the job's Jaccard weights.
+    pub scale: f64,
+}
+
+/// Consecutive jobs sorted together.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Chunk {
+    pub jobs: Range<usize>,
+    /// `jobs.len() · L`.
+    pub elems: usize,
+    /// Bits of the job index within the chunk: `bits(K - 1)`.
+    pub job_bits: u32,
+}
+
+impl Chunk {
+    /// Blocks of the walk per job: `⌈L / WALK_BLOCK⌉`.
+    pub fn blocks_per_job(&self) -> usize {
+        (self.elems / self.jobs.len().max(1)).div_ceil(WALK_BLOCK)
+    }
+}
+
+/// What the loss is, beyond its data: the input's dims and layout and how errors and
+/// outputs are formed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Shape {
+    /// `(B, C, S)`.
+    pub dims: (usize, usize, usize),
+    pub order: ChannelOrder,
+    pub kind: ErrorKind,
+    pub output: Output,
+    pub per_image: bool,
+    /// A factor on every group (`1 / B` for a mean over images).
+    pub group_scale: f64,
+    /// The input is logits: the softmax over the class axis is taken first, and the
+    /// coefficients turned into the gradient with respect to the logits at the end.
+    pub from_logits: bool,
+    /// The input is f64 (two sorts per chunk), else f32.
+    pub wide: bool,
+}
+
+/// One call, planned on the host from the labels: its jobs and their chunks.
+#[derive(Debug, Clone)]
+pub(crate) struct Call {
+    pub shape: Shape,
+    pub groups: usize,
+    /// `L`: the pixels of a group.
+    pub seg_len: usize,
+    pub jobs: Vec<JobRecord>,
+    pub chunks: Vec<Chunk>,
+}
+
+impl Call {
+    /// Plans the call for `labels` (`[B, S]`, void as [`VOID`]) and the classes of `sel`.
+    pub fn new(shape: Shape, sel: &Selection, labels: &[u32]) -> Result<Self> {
+        let (b_n, c_n, s_n) = shape.dims;
+        if labels.len() != b_n * s_n {
+            bail!(
+                "lovasz kernel: {} labels for dims {:?} (internal error)",
+                labels.len(),
+                shape.dims
+            )
+        }
+        let groups = plan::group_ranges(b_n, s_n, shape.per_image)?;
+        let entries = plan::merge_classes(sel, c_n)?;
+        let max_class = entries.iter().map(|e| e.class as usize).max().unwrap_or(0);
+        let per_group: Vec<(Vec<u64>, u64)> = groups
+            .par_iter()
+            .map(|g| {
+                let labels = &labels[g.start * s_n..g.end * s_n];
+                let valid = labels.iter().filter(|&&l| l != VOID).count() as u64;
+                (count_labels(labels, max_class + 1), valid)
+            })
+            .collect();
+        let counts: Vec<Vec<u64>> = per_group.iter().map(|(c, _)| c.clone()).collect();
+        let jobs = plan::jobs(&entries, sel.only_present, &counts, shape.group_scale);
+        let jobs: Vec<JobRecord> = jobs
+            .iter()
+            .map(|j| JobRecord {
+                first_image: groups[j.group].start as u32,
+                class: j.class,
+                channel: j.channel as u32,
+                group: j.group as u32,
+                valid: per_group[j.group].1,
+                gts: j.gts,
+                scale: j.scale,
+            })
+            .collect();
+        let seg_len = groups.first().map_or(0, |g| g.len() * s_n);
+        let value_bytes = if shape.wide { 8 } else { 4 };
+        let budget = WORK_FACTOR * b_n * c_n * s_n * value_bytes;
+        let chunks = chunks(
+            jobs.len(),
+            seg_len,
+            element::bytes_per_element(shape.wide),
+            budget,
+        )?;
+        Ok(Self {
+            shape,
+            groups: groups.len(),
+            seg_len,
+            jobs,
+            chunks,
+        })
+    }
+}
+
+/// Splits `n_jobs` jobs of `seg_len` pixels into chunks of working sets within
+/// `budget` bytes at `per_elem` bytes per element, at least one job each.
+fn chunks(n_jobs: usize, seg_len: usize, per_elem: usize, budget: usize) -> Result<Vec<Chunk>> {
+    if seg_len == 0 {
+        return Ok(Vec::new());
+    }
+    if seg_len > MAX_CHUNK_ELEMS {
+        bail!("lovasz kernel: a group of {seg_len} pixels is too large for the device path")
+    }
+    let by_memory = budget / (seg_len * per_elem);
+    let per_chunk = by_memory.min(MAX_CHUNK_ELEMS / seg_len).max(1);
+    Ok((0..n_jobs)
+        .step_by(per_chunk)
+        .map(|start| {
+            let jobs = start..n_jobs.min(start + per_chunk);
+            let k = jobs.len();
+            Chunk {
+                elems: k * seg_len,
+                job_bits: usize::BITS - (k - 1).leading_zeros(),
+                jobs,
+            }
+        })
+        .collect())
+}
+
+/// The steps of a call on some device, each over the whole input or one chunk, in the
+/// order [`run`] calls them. A backend holds the input, the labels and its working memory,
+/// and writes the outputs: the per-pixel values (zero where no job writes) and the
+/// per-group losses (NaN when an input value is NaN).
+pub(crate) trait Primitives {
+    /// `p = softmax(x)` over the class axis; every later step reads `p` for `x`.
+    fn softmax(&mut self, call: &Call) -> Result<()>;
+    /// Notes whether any input value is NaN.
+    fn scan_nan(&mut self, call: &Call) -> Result<()>;
+    /// The key and value of each element of `chunk` ([`element::key_of`]).
+    fn build_keys(&mut self, call: &Call, chunk: &Chunk) -> Result<()>;
+    /// Sorts the chunk's elements by key, stably (f32: the low `32 + job_bits` bits; f64:
+    /// by error key, then by job).
+    fn sort(&mut self, call: &Call, chunk: &Chunk) -> Result<()>;
+    /// The exclusive prefix sum of the sorted values' foreground bits.
+    fn count_foreground(&mut self, call: &Call, chunk: &Chunk) -> Result<()>;
+    /// Each ranked slot's output written at its pixel ([`element::walk_slot`]), and the
+    /// chunk's offsets and losses summed per block, then per job into its group.
+    fn walk(&mut self, call: &Call, chunk: &Chunk) -> Result<()>;
+    /// The softmax Jacobian applied to the coefficients (from logits), and the losses.
+    fn finish(&mut self, call: &Call) -> Result<()>;
+}
+
+/// Runs `call` on `backend`.
+pub(crate) fn run<B: Primitives>(backend: &mut B, call: &Call) -> Result<()> {
+    if call.shape.from_logits {
+        backend.softmax(call)?;
+    }
+    backend.scan_nan(call)?;
+    for chunk in &call.chunks {
+        backend.build_keys(call, chunk)?;
+        backend.sort(call, chunk)?;
+        backend.count_foreground(call, chunk)?;
+        backend.walk(call, chunk)?;
+    }
+    backend.finish(call)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_respect_the_budget_and_hold_one_job_at_least() {
+        let c = chunks(10, 100, 28, 28 * 100 * 3).unwrap();
+        assert_eq!(c.len(), 4);
+        assert_eq!(c[0].jobs, 0..3);
+        assert_eq!(c[3].jobs, 9..10);
+        assert_eq!((c[0].elems, c[0].job_bits), (300, 2));
+        assert_eq!(c[3].job_bits, 0);
+        let one = chunks(2, 1000, 28, 10).unwrap();
+        assert_eq!(one.iter().map(|c| c.jobs.len()).collect::<Vec<_>>(), [1, 1]);
+        assert!(chunks(3, 0, 28, 10).unwrap().is_empty());
+        assert_eq!(chunks(5, 7, 28, 1 << 30).unwrap()[0].blocks_per_job(), 1);
+    }
+}
+
+#[cfg(test)]
+mod emulation_tests;
