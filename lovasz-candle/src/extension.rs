@@ -7,6 +7,9 @@
 //! the input is copied to the host for the kernel and the loss is `K + Σ A ⊙ x`, a multiply
 //! and a sum on the device.
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 use std::sync::{Arc, Mutex};
 
 use candle::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
@@ -16,7 +19,9 @@ use crate::channel_softmax::{softmax, softmax_backward};
 use crate::config::Reduction;
 use crate::input::{device_emulation_forced, host_copy_forced, with_host_slice};
 use crate::kernel::segmented::{self, host::HostPrimitives, Call};
-use crate::kernel::{solve, ChannelOrder, ErrorKind, HostSort, Output, Problem, Selection, Solved};
+use crate::kernel::{
+    solve, ChannelOrder, ErrorKind, HostSort, Output, Problem, Real, Selection, Solved,
+};
 
 /// Everything about a loss but its input tensor.
 pub(crate) struct LossSpec {
@@ -61,7 +66,7 @@ impl LossSpec {
     }
 
     /// The device path's plan of this loss over inputs of `dims` and dtype `T`.
-    pub(crate) fn call<T: HostSort>(
+    pub(crate) fn call<T: Real>(
         &self,
         dims: (usize, usize, usize),
         output: Output,
@@ -125,7 +130,7 @@ impl Prepared {
     /// on the CPU path the usual backward pass (a gradient of 1) then returns the kept
     /// coefficients as they are, without a pass over them, and both paths round alike.
     pub fn loss(self, reduction: Reduction) -> Result<Tensor> {
-        let per_group = if self.x.device().is_cpu() && !host_copy_forced() {
+        let per_group = if has_native_path(self.x.device()) {
             self.fused(false, reduction)?
         } else {
             self.linear_form(self.group_scale(reduction)?)?
@@ -133,8 +138,8 @@ impl Prepared {
         sum_groups(per_group, reduction)
     }
 
-    /// The loss of `softmax(x, dim 1)`, with `x` logits, in one CPU op whose backward
-    /// applies the softmax Jacobian on the host. Only for CPU tensors.
+    /// The loss of `softmax(x, dim 1)`, with `x` logits, in one op whose backward applies
+    /// the softmax Jacobian. Only where [`has_native_path`].
     pub fn loss_from_logits(self, reduction: Reduction) -> Result<Tensor> {
         sum_groups(self.fused(true, reduction)?, reduction)
     }
@@ -188,6 +193,10 @@ impl Prepared {
     /// The weight tensor `W`, shape `[B, C, S]`, detached, with `loss = Σ W ⊙ errors`
     /// under `reduction` (`Mean` folds `1 / B` in when `per_image`).
     pub fn weights(&self, reduction: Reduction) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.x.device().is_cuda() {
+            return self.cuda_weights(self.group_scale(reduction)?);
+        }
         Ok(self
             .solve_on_host(Output::Weights, self.group_scale(reduction)?)?
             .0)
@@ -217,6 +226,13 @@ impl Prepared {
             dt => bail!("lovasz: internal dtype {dt:?} (expected f32 or f64)"),
         }
     }
+}
+
+/// Whether the loss runs as the fused op on `device`: on the CPU (unless the host-copy
+/// path is forced) and, with the `cuda` feature, on CUDA devices. Elsewhere (Metal) the
+/// input is copied to the host for the kernel.
+pub(crate) fn has_native_path(device: &Device) -> bool {
+    (device.is_cpu() && !host_copy_forced()) || (cfg!(feature = "cuda") && device.is_cuda())
 }
 
 /// Combines the per-group losses `[G]` (already scaled by `Prepared::group_scale`) as
@@ -338,6 +354,15 @@ impl CustomOp1 for FusedLovasz {
             _ => bail!("lovasz: internal dtype (expected f32 or f64)"),
         };
         Ok((out, Shape::from(self.groups)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        self.cuda_forward(storage, layout)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {

@@ -3,10 +3,8 @@
 use candle::{bail, Result, Tensor};
 
 use crate::config::{Classes, LovaszSoftmaxConfig};
-use crate::extension::{LossSpec, Prepared};
-use crate::input::{
-    check_label_dims, check_not_empty, host_copy_forced, upcast, ClassAxes, HostLabels,
-};
+use crate::extension::{has_native_path, LossSpec, Prepared};
+use crate::input::{check_label_dims, check_not_empty, upcast, ClassAxes, HostLabels};
 use crate::kernel::{ChannelOrder, ClassEntry, ErrorKind, Selection};
 
 /// Lovász-Softmax loss: the Lovász extension of the Jaccard loss of each class applied to
@@ -54,7 +52,7 @@ pub fn lovasz_softmax_with_logits(
 ) -> Result<Tensor> {
     let axes = ClassAxes::of(logits.dims(), cfg.channels_last, "lovasz_softmax", "logits")?;
     let logits = upcast(logits, "logits")?;
-    if logits.device().is_cpu() && !host_copy_forced() {
+    if has_native_path(logits.device()) {
         // One op for softmax, loss and backward: candle's softmax over a non-last axis
         // and its backward cost several times the loss itself.
         return prepare(&logits, labels, cfg)?.loss_from_logits(cfg.reduction);

@@ -38,6 +38,8 @@
 //! outputs; the key format, the plan and the closed form are shared.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub(crate) mod jaccard_walk;
 pub(crate) mod keys;
 pub(crate) mod plan;

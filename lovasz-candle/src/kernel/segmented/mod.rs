@@ -58,6 +58,9 @@ pub(crate) const WORK_FACTOR: usize = 2;
 /// The most elements one chunk may hold (counts and indices are 32-bit on the device).
 pub(crate) const MAX_CHUNK_ELEMS: usize = (1 << 31) - 1;
 
+/// The most jobs one chunk may hold (the device sums a chunk's jobs in shared memory).
+pub(crate) const MAX_CHUNK_JOBS: usize = 3072;
+
 /// One (group, class) job as the device reads it (`#[repr(C)]`: the CUDA code declares
 /// the same struct).
 #[repr(C)]
@@ -188,7 +191,8 @@ fn chunks(n_jobs: usize, seg_len: usize, per_elem: usize, budget: usize) -> Resu
         bail!("lovasz kernel: a group of {seg_len} pixels is too large for the device path")
     }
     let by_memory = budget / (seg_len * per_elem);
-    let per_chunk = by_memory.min(MAX_CHUNK_ELEMS / seg_len).max(1);
+    // At least one job (a job alone may exceed the budget), at most MAX_CHUNK_JOBS.
+    let per_chunk = by_memory.min(MAX_CHUNK_ELEMS / seg_len).clamp(1, MAX_CHUNK_JOBS);
     Ok((0..n_jobs)
         .step_by(per_chunk)
         .map(|start| {
