@@ -20,6 +20,34 @@ struct Case {
     seed: u64,
 }
 
+impl Case {
+    /// Probabilities in `[0, 1)` of `dims` with labels from `labels_from` classes and a
+    /// `void` share of void pixels.
+    fn probabilities(
+        dims: (usize, usize, usize),
+        labels_from: usize,
+        void: f32,
+        seed: u64,
+    ) -> Self {
+        Self {
+            dims,
+            levels: None,
+            void,
+            labels_from,
+            spread: (0.0, 1.0),
+            seed,
+        }
+    }
+}
+
+/// [`check`] in both widths for every setup.
+fn check_all(case: &Case, setups: &[Setup]) {
+    for setup in setups {
+        check::<f32>(case, setup);
+        check::<f64>(case, setup);
+    }
+}
+
 fn make<T: HostSort>(c: &Case) -> (Vec<T>, Vec<u32>) {
     let (b, ch, s) = c.dims;
     let mut rng = Lcg(c.seed);
@@ -151,46 +179,25 @@ fn setups(classes: usize) -> Vec<Setup> {
 #[test]
 fn many_small_groups_with_void_and_absent_classes() {
     // Labels from the first 3 of 5 classes: classes 3 and 4 are absent everywhere.
-    let case = Case {
-        dims: (9, 5, 37),
-        levels: None,
-        void: 0.1,
-        labels_from: 3,
-        spread: (0.0, 1.0),
-        seed: 1,
-    };
-    for setup in setups(5) {
-        check::<f32>(&case, &setup);
-        check::<f64>(&case, &setup);
-    }
+    check_all(&Case::probabilities((9, 5, 37), 3, 0.1, 1), &setups(5));
 }
 
 #[test]
 fn ties_keep_the_cpu_order() {
     let case = Case {
-        dims: (4, 3, 200),
         levels: Some(4),
-        void: 0.05,
-        labels_from: 3,
-        spread: (0.0, 1.0),
-        seed: 2,
+        ..Case::probabilities((4, 3, 200), 3, 0.05, 2)
     };
-    for setup in setups(3) {
-        check::<f32>(&case, &setup);
-        check::<f64>(&case, &setup);
-    }
+    check_all(&case, &setups(3));
 }
 
 #[test]
 fn the_hinge_and_a_class_list() {
     // Logits in [-2, 2): hinge errors on both sides of 0.
     let case = Case {
-        dims: (6, 1, 300),
         levels: Some(16),
-        void: 0.1,
-        labels_from: 2,
         spread: (-2.0, 4.0),
-        seed: 3,
+        ..Case::probabilities((6, 1, 300), 2, 0.1, 3)
     };
     for output in [Output::Linear, Output::Weights] {
         for per_image in [true, false] {
@@ -214,14 +221,7 @@ fn the_hinge_and_a_class_list() {
         }
     }
     // A list naming a class twice and skipping one.
-    let case = Case {
-        dims: (3, 4, 50),
-        levels: None,
-        void: 0.0,
-        labels_from: 4,
-        spread: (0.0, 1.0),
-        seed: 4,
-    };
+    let case = Case::probabilities((3, 4, 50), 4, 0.0, 4);
     let entry = |class: u32| ClassEntry {
         class,
         channel: class as usize,
@@ -243,14 +243,7 @@ fn the_hinge_and_a_class_list() {
 
 #[test]
 fn all_void_and_empty_groups() {
-    let case = Case {
-        dims: (3, 2, 10),
-        levels: None,
-        void: 1.0,
-        labels_from: 2,
-        spread: (0.0, 1.0),
-        seed: 5,
-    };
+    let case = Case::probabilities((3, 2, 10), 2, 1.0, 5);
     for setup in setups(2) {
         check::<f32>(&case, &setup);
     }
@@ -259,14 +252,7 @@ fn all_void_and_empty_groups() {
 #[test]
 fn one_group_of_ten_million_pixels() {
     // A binary hinge over a batch of 10 images of 1000 x 1000 pixels: one job, one chunk.
-    let case = Case {
-        dims: (10, 1, 1_000_000),
-        levels: None,
-        void: 0.02,
-        labels_from: 2,
-        spread: (0.0, 1.0),
-        seed: 6,
-    };
+    let case = Case::probabilities((10, 1, 1_000_000), 2, 0.02, 6);
     let setup = Setup {
         order: ChannelOrder::First,
         kind: ErrorKind::Abs,

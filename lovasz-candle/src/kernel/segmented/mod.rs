@@ -192,7 +192,9 @@ fn chunks(n_jobs: usize, seg_len: usize, per_elem: usize, budget: usize) -> Resu
     }
     let by_memory = budget / (seg_len * per_elem);
     // At least one job (a job alone may exceed the budget), at most MAX_CHUNK_JOBS.
-    let per_chunk = by_memory.min(MAX_CHUNK_ELEMS / seg_len).clamp(1, MAX_CHUNK_JOBS);
+    let per_chunk = by_memory
+        .min(MAX_CHUNK_ELEMS / seg_len)
+        .clamp(1, MAX_CHUNK_JOBS);
     Ok((0..n_jobs)
         .step_by(per_chunk)
         .map(|start| {
