@@ -11,7 +11,7 @@
 # `run` needs the driver, python3 with torch (PYTHON, default /opt/torch/.venv/bin/python3)
 # and the NVIDIA wheels under its site-packages (cuBLAS, cuRAND, NVRTC, the runtime),
 # which the binaries load from there. It runs the CUDA tests (every loss, value and
-# gradient, against the CPU op), then forward + backward of the Lovász-Softmax at
+# gradient, against the CPU op), the reference fixtures on CUDA in f32 and f64, then forward + backward of the Lovász-Softmax at
 # 10x20x300x300 per batch and per image and at 8x21x512x512 per batch, ours and the
 # authors', on the same GPU, and prints each ratio (theirs / ours: above 1 is faster).
 set -Eeuo pipefail
@@ -28,11 +28,16 @@ build() {
   local test_bin
   test_bin=$(printf '%s\n' "$log" | sed -n 's/.*Executable tests\/cuda.rs (\(.*\))/\1/p' | tail -1)
   [ -n "$test_bin" ] || { echo "gpu-check: no CUDA test binary was built" >&2; exit 1; }
+  log=$(cargo test -p lovasz-tests --features cuda --test reference --no-run 2>&1 | tee /dev/stderr)
+  local reference_bin
+  reference_bin=$(printf '%s\n' "$log" | sed -n 's/.*Executable tests\/reference.rs (\(.*\))/\1/p' | tail -1)
+  [ -n "$reference_bin" ] || { echo "gpu-check: no reference test binary was built" >&2; exit 1; }
   cargo build -p lovasz-candle --features cuda --example gpu_bench
   # Stripped and xz-compressed (candle's kernels make each binary ~50 MiB, ~6 MiB packed).
   strip -o "$out/bin/cuda-tests" "$test_bin"
+  strip -o "$out/bin/reference-tests" "$reference_bin"
   strip -o "$out/bin/gpu_bench" target/debug/examples/gpu_bench
-  xz -f -6 "$out/bin/cuda-tests" "$out/bin/gpu_bench"
+  xz -f -6 "$out/bin/cuda-tests" "$out/bin/reference-tests" "$out/bin/gpu_bench"
   cp lovasz-candle/benches/gpu_reference.py "$out/"
   cp "${REFERENCE:-../shared/reference/lovasz_losses.py}" "$out/reference/lovasz_losses.py"
   du -ch "$out"/bin/* | tail -1
@@ -50,7 +55,7 @@ run() {
   local py=${PYTHON:-/opt/torch/.venv/bin/python3}
   local bin
   bin=$(mktemp -d)
-  for name in cuda-tests gpu_bench; do
+  for name in cuda-tests reference-tests gpu_bench; do
     "$py" -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
       "$out/bin/$name.xz" "$bin/$name"
     chmod +x "$bin/$name"
@@ -63,6 +68,8 @@ run() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   echo "== CUDA tests (lovasz-candle/tests/cuda.rs)"
   timeout 300 "$bin/cuda-tests" --test-threads=1
+  echo "== the reference fixtures, on the CPU paths and on CUDA (tests/tests/reference.rs)"
+  LOVASZ_FIXTURES=tests/fixtures timeout 120 "$bin/reference-tests" --test-threads=1
   echo "== fwd+bwd of the Lovasz-Softmax, ours vs the authors' PyTorch code, same GPU"
   local shape flag ours theirs line
   for spec in "10,20,300,300:" "10,20,300,300:--per-image" "8,21,512,512:"; do

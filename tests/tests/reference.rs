@@ -1,7 +1,8 @@
 //! Conformance to the reference: every case of `fixtures/lovasz_reference.json`, computed
 //! with the authors' PyTorch code (float64 on float32 inputs), checked in f32 and in f64,
-//! on the CPU path and on the host-copy path that CUDA and Metal take; and the
-//! Lovász-Softmax cases again with their inputs in channels-last layout.
+//! on the CPU path, on the host-copy path that Metal takes, through the host emulation of
+//! the CUDA path and (with the `cuda` feature, on a GPU) on CUDA; and the Lovász-Softmax
+//! cases again with their inputs in channels-last layout.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,12 +25,16 @@ struct Fixtures {
     tensors: HashMap<String, Tensor>,
 }
 
-fn fixtures() -> Result<Fixtures> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+/// The fixtures, with their tensors on `device`. Read from `tests/fixtures`, or from
+/// `LOVASZ_FIXTURES` (where the test binary runs away from its source tree).
+fn fixtures(device: &Device) -> Result<Fixtures> {
+    let dir = match std::env::var_os("LOVASZ_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+    };
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("lovasz_reference.json"))?)?;
-    let tensors =
-        candle::safetensors::load(dir.join("lovasz_reference.safetensors"), &Device::Cpu)?;
+    let tensors = candle::safetensors::load(dir.join("lovasz_reference.safetensors"), device)?;
     let cases = json["cases"].as_array().context("cases")?.clone();
     Ok(Fixtures { cases, tensors })
 }
@@ -68,7 +73,10 @@ fn assert_close(name: &str, what: &str, got: &[f64], want: &[f64]) -> Result<()>
 }
 
 fn flat(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
+    Ok(t.to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1()?)
 }
 
 /// Runs a differentiable loss on `input` (as a variable of `dtype`) and returns the loss
@@ -212,6 +220,19 @@ enum Path {
     HostCopy,
     /// The GPU path's composition, emulated on the host.
     Emulated,
+    /// Every tensor on the first CUDA device (needs a GPU).
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+impl Path {
+    fn device(self) -> Result<Device> {
+        Ok(match self {
+            #[cfg(feature = "cuda")]
+            Path::Cuda => Device::new_cuda(0)?,
+            _ => Device::Cpu,
+        })
+    }
 }
 
 /// Runs `check` on every case that `select` picks (there must be `expected` of them),
@@ -223,7 +244,7 @@ fn check_cases(
     select: impl Fn(&Value) -> bool,
     check: impl Fn(&Fixtures, &Value) -> Result<()>,
 ) -> Result<()> {
-    let fx = fixtures()?;
+    let fx = fixtures(&path.device()?)?;
     force_host_copy(matches!(path, Path::HostCopy));
     force_device_emulation(matches!(path, Path::Emulated));
     let mut failures = Vec::new();
@@ -329,4 +350,22 @@ fn reference_cases_device_emulation_f64() -> Result<()> {
 #[test]
 fn reference_softmax_channels_last_device_emulation() -> Result<()> {
     check_softmax_channels_last(DType::F32, Path::Emulated)
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn reference_cases_cuda_f32() -> Result<()> {
+    check_all(DType::F32, Path::Cuda)
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn reference_cases_cuda_f64() -> Result<()> {
+    check_all(DType::F64, Path::Cuda)
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn reference_softmax_channels_last_cuda() -> Result<()> {
+    check_softmax_channels_last(DType::F32, Path::Cuda)
 }

@@ -33,9 +33,18 @@
 //!      the sorted keys and writes each pixel's output ([`problem::ErrorKind::linear`]).
 //! 3. The per-group offsets and losses are summed into [`Solved`].
 //!
-//! Working memory lives in [`cpu::buffer`]. A device backend (`kernel/cuda/`, to come)
-//! takes the same [`Problem`] description and plan and returns the same [`Solved`]
-//! outputs; the key format, the plan and the closed form are shared.
+//! Working memory lives in [`cpu::buffer`].
+//!
+//! # On a GPU
+//!
+//! [`segmented`] lays the same jobs out as a GPU wants them: side by side in flat arrays,
+//! ranked by one radix sort per chunk of jobs, counted by one prefix sum and weighed in
+//! closed form slot by slot, as [`segmented::Primitives`] steps. `kernel/cuda/` (feature
+//! `cuda`) runs each step as a kernel of `cuda/lovasz.cu` or a CUB call on candle's
+//! stream; [`segmented::host`] runs them as host loops, which is how the tests check the
+//! device path's composition against [`cpu`] on any machine. The plan
+//! ([`plan::jobs`]), the error keys ([`keys`]) and the closed form ([`jaccard_walk`])
+//! are shared.
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
