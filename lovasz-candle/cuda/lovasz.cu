@@ -115,12 +115,43 @@ __device__ __forceinline__ void linear(uint32_t kind, double w, double err, bool
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T exp_of(T v);
-template <>
-__device__ __forceinline__ float exp_of(float v) { return expf(v); }
-template <>
-__device__ __forceinline__ double exp_of(double v) { return exp(v); }
+// `exp::exp_f32` / `exp::exp_f64` of the Rust crate: the same operations in the same order
+// (no FMA: built with -fmad=false), so the same bits as the CPU's softmax.
+__device__ __forceinline__ float exp_of(float x) {
+  const float LOG2E = 1.442695f, LN2_HI = 0.69314575f, LN2_LO = 1.4286068e-6f;
+  if (x != x) return x;
+  if (x > 88.72284f) return INFINITY;
+  if (x < -103.97208f) return 0.0f;
+  float n = floorf(x * LOG2E + 0.5f);
+  float r = (x - n * LN2_HI) - n * LN2_LO;
+  float p = 1.0f + r * (1.0f + r * (1.0f / 2.0f + r * (1.0f / 6.0f + r * (1.0f / 24.0f +
+            r * (1.0f / 120.0f + r * (1.0f / 720.0f + r * (1.0f / 5040.0f)))))));
+  int e = static_cast<int>(n);
+  auto pow2 = [](int k) { return __uint_as_float(static_cast<uint32_t>(k + 127) << 23); };
+  if (e > 127) return p * 2.0f * pow2(e - 1);
+  if (e < -126) return p * pow2(e + 64) * pow2(-64);
+  return p * pow2(e);
+}
+__device__ __forceinline__ double exp_of(double x) {
+  const double LOG2E = 1.4426950408889634, LN2_HI = 6.9314718036912382e-1,
+               LN2_LO = 1.9082149292705877e-10;
+  if (x != x) return x;
+  if (x > 709.782712893384) return INFINITY;
+  if (x < -745.1332191019412) return 0.0;
+  double n = floor(x * LOG2E + 0.5);
+  double r = (x - n * LN2_HI) - n * LN2_LO;
+  const double k[13] = {479001600.0, 39916800.0, 3628800.0, 362880.0, 40320.0, 5040.0, 720.0,
+                        120.0,       24.0,       6.0,       2.0,      1.0,     1.0};
+  double p = 1.0 / 6227020800.0;
+  for (int i = 0; i < 13; ++i) p = 1.0 / k[i] + r * p;
+  int e = static_cast<int>(n);
+  auto pow2 = [](int j) {
+    return __longlong_as_double(static_cast<long long>(static_cast<uint64_t>(j + 1023) << 52));
+  };
+  if (e > 1023) return p * 2.0 * pow2(e - 1);
+  if (e < -1022) return p * pow2(e + 200) * pow2(-200);
+  return p * pow2(e);
+}
 
 template <typename T>
 __device__ __forceinline__ bool is_nan(T v) { return v != v; }
@@ -174,7 +205,7 @@ template <typename T>
 __global__ void scan_nan_kernel(const T* x, uint64_t n, uint32_t* flag) {
   for (uint64_t i = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; i < n;
        i += uint64_t(gridDim.x) * blockDim.x) {
-    if (is_nan(x[i])) *flag = 1;
+    if (is_nan(x[i])) atomicExch(flag, 1u);
   }
 }
 
@@ -440,6 +471,8 @@ int lc_walk(const void* x, const void* jobs, uint64_t n_jobs, uint64_t blocks_pe
             double* sums, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   auto j = static_cast<const JobRecord*>(jobs);
+  size_t shared = static_cast<size_t>(n_jobs) * 2 * sizeof(double);
+  if (shared > 48 * 1024 || n_jobs > 65535) return static_cast<int>(cudaErrorInvalidValue);
   dim3 grid(static_cast<unsigned>(blocks_per_job), static_cast<unsigned>(n_jobs));
   if (d.wide)
     walk_kernel<double, uint64_t><<<grid, THREADS, 0, s>>>(
@@ -451,8 +484,6 @@ int lc_walk(const void* x, const void* jobs, uint64_t n_jobs, uint64_t blocks_pe
         static_cast<float*>(out), partials);
   int launched = last_error();
   if (launched != 0) return launched;
-  size_t shared = static_cast<size_t>(n_jobs) * 2 * sizeof(double);
-  if (shared > 48 * 1024) return static_cast<int>(cudaErrorInvalidValue);
   finish_chunk_kernel<<<1, THREADS, shared, s>>>(partials, j, n_jobs, blocks_per_job, sums);
   return last_error();
 }

@@ -109,6 +109,7 @@ mod binary;
 mod channel_softmax;
 mod config;
 mod cross_entropy;
+mod exp;
 mod extension;
 mod fine_grained;
 pub mod guide;

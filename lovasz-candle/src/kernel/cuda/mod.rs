@@ -45,10 +45,16 @@ pub(crate) fn solve<T: CudaReal>(
     let x = slice.slice(start..end);
     let mut backend = CudaPrimitives::new(call, &dev, stream, x, labels)?;
     segmented::run(&mut backend, call)?;
-    match backend.losses {
-        Some(losses) => Ok((backend.out, losses)),
-        None => bail!("lovasz cuda: no losses were written (internal error)"),
-    }
+    let Some(mut losses) = backend.losses.take() else {
+        bail!("lovasz cuda: no losses were written (internal error)")
+    };
+    // cudarc records a buffer's read / write event when a pointer guard drops: taken again
+    // now, after the last launch, they make any other stream wait for these kernels.
+    let s = backend.stream.clone();
+    drop(backend.x.device_ptr(&s));
+    drop(backend.out.device_ptr_mut(&s));
+    drop(losses.device_ptr_mut(&s));
+    Ok((backend.out, losses))
 }
 
 /// The device buffers of one call.
@@ -77,8 +83,9 @@ struct CudaPrimitives<'a, T: CudaReal> {
     dev: CudaDevice,
 }
 
-/// The raw device address of a buffer (the event guard is dropped at once: every use is
-/// on the one stream the buffer was allocated on).
+/// The raw device address of a buffer (the event guard is dropped at once: every step runs
+/// on candle's stream; [`solve`] records the events of its inputs and outputs after the
+/// last step).
 fn ptr<T, S: DevicePtr<T>>(s: &S, stream: &CudaStream) -> *const c_void {
     s.device_ptr(stream).0 as *const c_void
 }
