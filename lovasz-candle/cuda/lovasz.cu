@@ -119,38 +119,38 @@ __device__ __forceinline__ void linear(uint32_t kind, double w, double err, bool
 // (no FMA: built with -fmad=false), so the same bits as the CPU's softmax.
 __device__ __forceinline__ float exp_of(float x) {
   const float LOG2E = 1.442695f, LN2_HI = 0.69314575f, LN2_LO = 1.4286068e-6f;
-  if (x != x) return x;
-  if (x > 88.72284f) return INFINITY;
-  if (x < -103.97208f) return 0.0f;
-  float n = floorf(x * LOG2E + 0.5f);
-  float r = (x - n * LN2_HI) - n * LN2_LO;
+  const float ROUND = 12582912.0f, lo = -103.97208f, hi = 88.72284f;
+  float y = fminf(fmaxf(x, lo), hi);
+  float n = (y * LOG2E + ROUND) - ROUND;
+  float r = (y - n * LN2_HI) - n * LN2_LO;
   float p = 1.0f + r * (1.0f + r * (1.0f / 2.0f + r * (1.0f / 6.0f + r * (1.0f / 24.0f +
             r * (1.0f / 120.0f + r * (1.0f / 720.0f + r * (1.0f / 5040.0f)))))));
-  int e = static_cast<int>(n);
+  int e = static_cast<int>(n), half = e >> 1;
   auto pow2 = [](int k) { return __uint_as_float(static_cast<uint32_t>(k + 127) << 23); };
-  if (e > 127) return p * 2.0f * pow2(e - 1);
-  if (e < -126) return p * pow2(e + 64) * pow2(-64);
-  return p * pow2(e);
+  float v = p * pow2(half) * pow2(e - half);
+  if (x > hi) v = INFINITY;
+  if (x < lo) v = 0.0f;
+  return x != x ? x : v;
 }
 __device__ __forceinline__ double exp_of(double x) {
   const double LOG2E = 1.4426950408889634, LN2_HI = 6.9314718036912382e-1,
                LN2_LO = 1.9082149292705877e-10;
-  if (x != x) return x;
-  if (x > 709.782712893384) return INFINITY;
-  if (x < -745.1332191019412) return 0.0;
-  double n = floor(x * LOG2E + 0.5);
-  double r = (x - n * LN2_HI) - n * LN2_LO;
+  const double ROUND = 6755399441055744.0, lo = -745.1332191019412, hi = 709.782712893384;
+  double y = fmin(fmax(x, lo), hi);
+  double n = (y * LOG2E + ROUND) - ROUND;
+  double r = (y - n * LN2_HI) - n * LN2_LO;
   const double k[13] = {479001600.0, 39916800.0, 3628800.0, 362880.0, 40320.0, 5040.0, 720.0,
                         120.0,       24.0,       6.0,       2.0,      1.0,     1.0};
   double p = 1.0 / 6227020800.0;
   for (int i = 0; i < 13; ++i) p = 1.0 / k[i] + r * p;
-  int e = static_cast<int>(n);
-  auto pow2 = [](int j) {
+  long long e = static_cast<long long>(n), half = e >> 1;
+  auto pow2 = [](long long j) {
     return __longlong_as_double(static_cast<long long>(static_cast<uint64_t>(j + 1023) << 52));
   };
-  if (e > 1023) return p * 2.0 * pow2(e - 1);
-  if (e < -1022) return p * pow2(e + 200) * pow2(-200);
-  return p * pow2(e);
+  double v = p * pow2(half) * pow2(e - half);
+  if (x > hi) v = INFINITY;
+  if (x < lo) v = 0.0;
+  return x != x ? x : v;
 }
 
 template <typename T>

@@ -7,22 +7,19 @@
 //! Within 2 ulp of the correctly rounded value (tested below against `std`).
 
 /// `e^x` in f32: NaN for NaN, `+inf` above the largest finite result, `0` below the
-/// smallest subnormal one.
+/// smallest subnormal one. Without branches (selects only), so that loops over it
+/// vectorise: `n` is rounded by the add-and-subtract of `1.5 · 2^23`, and `2^n` is applied
+/// as two powers of two that are normal numbers whatever `n`.
+#[inline]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75; // few bits: n · LN2_HI is exact for |n| < 256
     const LN2_LO: f32 = 1.428_606_8e-6;
-    if x.is_nan() {
-        return x;
-    }
-    if x > 88.722_84 {
-        return f32::INFINITY;
-    }
-    if x < -103.972_08 {
-        return 0.0;
-    }
-    let n = (x * LOG2E + 0.5).floor();
-    let r = (x - n * LN2_HI) - n * LN2_LO;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
+    let (lo, hi) = (-103.972_08, 88.722_84);
+    let y = x.clamp(lo, hi);
+    let n = (y * LOG2E + ROUND) - ROUND;
+    let r = (y - n * LN2_HI) - n * LN2_LO;
     let c = |k: f32| 1.0 / k;
     let p = 1.0
         + r * (1.0
@@ -30,31 +27,28 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
                 + r * (c(6.0) + r * (c(24.0) + r * (c(120.0) + r * (c(720.0) + r * c(5040.0)))))));
     let n = n as i32;
     let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
-    if n > 127 {
-        p * 2.0 * pow2(n - 1)
-    } else if n < -126 {
-        p * pow2(n + 64) * pow2(-64)
+    let half = n >> 1;
+    let v = p * pow2(half) * pow2(n - half);
+    let v = if x > hi { f32::INFINITY } else { v };
+    let v = if x < lo { 0.0 } else { v };
+    if x.is_nan() {
+        x
     } else {
-        p * pow2(n)
+        v
     }
 }
 
-/// `e^x` in f64, as [`exp_f32`].
+/// `e^x` in f64, as [`exp_f32`] (rounding by `1.5 · 2^52`).
+#[inline]
 pub(crate) fn exp_f64(x: f64) -> f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
-    let ln2_hi = f64::from_bits(0x3fe6_2e42_fee0_0000); // low 21 bits zero
     const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
-    if x.is_nan() {
-        return x;
-    }
-    if x > 709.782_712_893_384 {
-        return f64::INFINITY;
-    }
-    if x < -745.133_219_101_941_2 {
-        return 0.0;
-    }
-    let n = (x * LOG2E + 0.5).floor();
-    let r = (x - n * ln2_hi) - n * LN2_LO;
+    const ROUND: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52
+    let ln2_hi = f64::from_bits(0x3fe6_2e42_fee0_0000); // low 21 bits zero
+    let (lo, hi) = (-745.133_219_101_941_2, 709.782_712_893_384);
+    let y = x.clamp(lo, hi);
+    let n = (y * LOG2E + ROUND) - ROUND;
+    let r = (y - n * ln2_hi) - n * LN2_LO;
     // 1 / k! for k = 13 down to 2, then 1 + r (1 + r (...)).
     let mut p = 1.0 / 6_227_020_800.0;
     for k in [
@@ -74,14 +68,16 @@ pub(crate) fn exp_f64(x: f64) -> f64 {
     ] {
         p = 1.0 / k + r * p;
     }
-    let n = n as i32;
-    let pow2 = |e: i32| f64::from_bits(((e + 1023) as u64) << 52);
-    if n > 1023 {
-        p * 2.0 * pow2(n - 1)
-    } else if n < -1022 {
-        p * pow2(n + 200) * pow2(-200)
+    let n = n as i64;
+    let pow2 = |e: i64| f64::from_bits(((e + 1023) as u64) << 52);
+    let half = n >> 1;
+    let v = p * pow2(half) * pow2(n - half);
+    let v = if x > hi { f64::INFINITY } else { v };
+    let v = if x < lo { 0.0 } else { v };
+    if x.is_nan() {
+        x
     } else {
-        p * pow2(n)
+        v
     }
 }
 
