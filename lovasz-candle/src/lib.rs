@@ -109,7 +109,6 @@ mod binary;
 mod channel_softmax;
 mod config;
 mod cross_entropy;
-mod exp;
 mod extension;
 mod fine_grained;
 pub mod guide;

@@ -1,6 +1,7 @@
 //! Every loss on a CUDA device (the native path: `cuda/lovasz.cu`) against the fused CPU
 //! op: values and gradients within 1e-6 relative in f32 (1e-12 in f64) on tie-free
-//! inputs, half-precision inputs upcast, several chunks per call, one group of ten
+//! inputs (from logits, where the two devices' exponentials differ by an ulp or two, up to
+//! 1 % of the gradient entries, those at near-tied errors, may differ), half-precision inputs upcast, several chunks per call, one group of ten
 //! million pixels, NaN, and the same errors for bad input. Needs a GPU: built with
 //! `--features cuda` and run by `scripts/gpu-check.sh`.
 #![cfg(feature = "cuda")]
@@ -14,7 +15,7 @@ use lovasz_candle::{
 
 mod common;
 
-use common::{assert_all_close, flat, problem, Result};
+use common::{assert_all_close, assert_mostly_close, flat, problem, Result};
 
 fn gpu() -> Result<Device> {
     Ok(Device::new_cuda(0)?)
@@ -38,6 +39,16 @@ fn run(x: &Tensor, labels: &Tensor, dev: &Device, f: Loss) -> Result<(Vec<f64>, 
 }
 
 fn assert_same(what: &str, x: &Tensor, labels: &Tensor, f: Loss) -> Result<()> {
+    check_paths(what, x, labels, f, false)
+}
+
+/// [`assert_same`] for losses from logits: the softmax's exponentials differ by up to
+/// 2 ulp between the devices, so a few gradient entries at near-tied errors may differ.
+fn assert_same_from_logits(what: &str, x: &Tensor, labels: &Tensor, f: Loss) -> Result<()> {
+    check_paths(what, x, labels, f, true)
+}
+
+fn check_paths(what: &str, x: &Tensor, labels: &Tensor, f: Loss, near_ties: bool) -> Result<()> {
     let dev = gpu()?;
     for dt in [DType::F32, DType::F64, DType::F16, DType::BF16] {
         let x = x.to_dtype(dt)?;
@@ -45,13 +56,12 @@ fn assert_same(what: &str, x: &Tensor, labels: &Tensor, f: Loss) -> Result<()> {
         let (got_v, got_g) = run(&x, labels, &dev, f)?;
         let tol = if dt == DType::F64 { 1e-12 } else { 1e-6 };
         assert_all_close(&format!("{what} {dt:?}: value"), &got_v, &want_v, tol, 1e-3);
-        assert_all_close(
-            &format!("{what} {dt:?}: gradient"),
-            &got_g,
-            &want_g,
-            tol,
-            1e-3,
-        );
+        let name = format!("{what} {dt:?}: gradient");
+        if near_ties {
+            assert_mostly_close(&name, &got_g, &want_g, tol, 1e-3, 1e-2);
+        } else {
+            assert_all_close(&name, &got_g, &want_g, tol, 1e-3);
+        }
     }
     Ok(())
 }
@@ -75,7 +85,7 @@ fn softmax_every_option() -> Result<()> {
                 assert_same(&format!("softmax {tag}"), &probas, &labels, &|p, y| {
                     lovasz_softmax(p, y, &cfg)
                 })?;
-                assert_same(&format!("logits {tag}"), &logits, &labels, &|z, y| {
+                assert_same_from_logits(&format!("logits {tag}"), &logits, &labels, &|z, y| {
                     lovasz_softmax_with_logits(z, y, &cfg)
                 })?;
                 assert_same(&format!("weights {tag}"), &probas, &labels, &|p, y| {
@@ -86,7 +96,7 @@ fn softmax_every_option() -> Result<()> {
                     ..cfg.clone()
                 };
                 let z_last = logits.permute((0, 2, 3, 1))?.contiguous()?;
-                assert_same(
+                assert_same_from_logits(
                     &format!("logits channels last {tag}"),
                     &z_last,
                     &labels,
@@ -116,7 +126,7 @@ fn binary_losses() -> Result<()> {
             per_image,
             ignore_index: Some(255),
         };
-        assert_same("sigmoid", &logits, &labels, &|x, y| {
+        assert_same_from_logits("sigmoid", &logits, &labels, &|x, y| {
             lovasz_sigmoid(&candle_nn::ops::sigmoid(x)?, y, &sigmoid)
         })?;
     }
@@ -138,7 +148,7 @@ fn many_chunks_and_one_large_group() -> Result<()> {
         ignore_index: Some(255),
         ..Default::default()
     };
-    assert_same("softmax 2x21x256x256", &logits, &labels, &|z, y| {
+    assert_same_from_logits("softmax 2x21x256x256", &logits, &labels, &|z, y| {
         lovasz_softmax_with_logits(z, y, &cfg)
     })?;
     // One job of ten million pixels.

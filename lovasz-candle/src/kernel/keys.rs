@@ -25,7 +25,6 @@ pub(crate) trait Real: candle::WithDType + PartialOrd {
     /// How many of `keys` are foreground keys, and the largest of those (the smallest
     /// foreground error; meaningless when there are none).
     fn foreground_floor(keys: &[Self::Packed]) -> (u64, Self::Packed);
-    /// `e^self`, the same bits on the CPU and in the CUDA kernel ([`crate::exp`]).
     fn exp(self) -> Self;
     /// `1` if `b`, else `0`, without a branch.
     fn indicator(b: bool) -> Self;
@@ -141,7 +140,7 @@ descending_bits!(descending_bits64, f64, u64);
 impl Real for f32 {
     type Packed = u64;
     fn exp(self) -> f32 {
-        crate::exp::exp_f32(self)
+        f32::exp(self)
     }
     float_bit_ops!(f32, u32, 0x3f80_0000);
     packed_key_ops!(f32, u32, u64, descending_bits32);
@@ -150,7 +149,7 @@ impl Real for f32 {
 impl Real for f64 {
     type Packed = u128;
     fn exp(self) -> f64 {
-        crate::exp::exp_f64(self)
+        f64::exp(self)
     }
     float_bit_ops!(f64, u64, 0x3ff0_0000_0000_0000);
     packed_key_ops!(f64, u64, u128, descending_bits64);

@@ -53,3 +53,28 @@ pub fn assert_all_close(what: &str, got: &[f64], want: &[f64], tol: f64, floor: 
         assert!(ok, "{what}[{i}]: {g} vs {w}");
     }
 }
+
+/// [`assert_all_close`], but allowing up to `share` of the entries to differ: where the two
+/// paths' inputs to the sort differ by an ulp (probabilities from logits through two
+/// exponentials), errors tied to within it may rank differently and swap weights.
+pub fn assert_mostly_close(
+    what: &str,
+    got: &[f64],
+    want: &[f64],
+    tol: f64,
+    floor: f64,
+    share: f64,
+) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes");
+    let off = (got.iter().zip(want))
+        .filter(|(g, w)| {
+            !((*g - *w).abs() <= tol * w.abs().max(floor) || (g.is_nan() && w.is_nan()))
+        })
+        .count();
+    let limit = (share * got.len() as f64).ceil() as usize;
+    assert!(
+        off <= limit,
+        "{what}: {off} of {} entries differ (at most {limit} allowed)",
+        got.len()
+    );
+}
