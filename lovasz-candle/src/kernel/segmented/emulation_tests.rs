@@ -155,6 +155,18 @@ fn check<T: HostSort>(case: &Case, setup: &Setup) {
     }
 }
 
+/// Class 1 of a one-channel input: the binary losses.
+fn binary_class() -> Selection {
+    Selection {
+        entries: vec![ClassEntry {
+            class: 1,
+            channel: 0,
+            weight: 1.0,
+        }],
+        only_present: false,
+    }
+}
+
 fn setups(classes: usize) -> Vec<Setup> {
     let mut out = Vec::new();
     for order in [ChannelOrder::First, ChannelOrder::Last] {
@@ -206,14 +218,7 @@ fn the_hinge_and_a_class_list() {
                 kind: ErrorKind::Hinge,
                 output,
                 per_image,
-                sel: Selection {
-                    entries: vec![ClassEntry {
-                        class: 1,
-                        channel: 0,
-                        weight: 1.0,
-                    }],
-                    only_present: false,
-                },
+                sel: binary_class(),
                 budget: Some(1),
             };
             check::<f32>(&case, &setup);
@@ -258,14 +263,7 @@ fn one_group_of_ten_million_pixels() {
         kind: ErrorKind::Abs,
         output: Output::Linear,
         per_image: false,
-        sel: Selection {
-            entries: vec![ClassEntry {
-                class: 1,
-                channel: 0,
-                weight: 1.0,
-            }],
-            only_present: false,
-        },
+        sel: binary_class(),
         budget: None,
     };
     check::<f32>(&case, &setup);
