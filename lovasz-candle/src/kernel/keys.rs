@@ -50,6 +50,9 @@ fn split_low_word(w: u32) -> (usize, bool, bool) {
 /// bits: `(float, bits of the same width, bits of 1.0)`.
 macro_rules! float_bit_ops {
     ($t:ty, $bits:ty, $one:expr) => {
+        fn exp(self) -> $t {
+            <$t>::exp(self)
+        }
         #[inline]
         fn indicator(b: bool) -> $t {
             <$t>::from_bits(<$bits>::from(b) * $one)
@@ -139,18 +142,12 @@ descending_bits!(descending_bits64, f64, u64);
 
 impl Real for f32 {
     type Packed = u64;
-    fn exp(self) -> f32 {
-        f32::exp(self)
-    }
     float_bit_ops!(f32, u32, 0x3f80_0000);
     packed_key_ops!(f32, u32, u64, descending_bits32);
 }
 
 impl Real for f64 {
     type Packed = u128;
-    fn exp(self) -> f64 {
-        f64::exp(self)
-    }
     float_bit_ops!(f64, u64, 0x3ff0_0000_0000_0000);
     packed_key_ops!(f64, u64, u128, descending_bits64);
 }

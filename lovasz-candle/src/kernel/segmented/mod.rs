@@ -140,15 +140,14 @@ impl Call {
         let groups = plan::group_ranges(b_n, s_n, shape.per_image)?;
         let entries = plan::merge_classes(sel, c_n)?;
         let max_class = entries.iter().map(|e| e.class as usize).max().unwrap_or(0);
-        let per_group: Vec<(Vec<u64>, u64)> = groups
+        let (counts, valid): (Vec<Vec<u64>>, Vec<u64>) = groups
             .par_iter()
             .map(|g| {
                 let labels = &labels[g.start * s_n..g.end * s_n];
                 let valid = labels.iter().filter(|&&l| l != VOID).count() as u64;
                 (count_labels(labels, max_class + 1), valid)
             })
-            .collect();
-        let counts: Vec<Vec<u64>> = per_group.iter().map(|(c, _)| c.clone()).collect();
+            .unzip();
         let jobs = plan::jobs(&entries, sel.only_present, &counts, shape.group_scale);
         let jobs: Vec<JobRecord> = jobs
             .iter()
@@ -157,7 +156,7 @@ impl Call {
                 class: j.class,
                 channel: j.channel as u32,
                 group: j.group as u32,
-                valid: per_group[j.group].1,
+                valid: valid[j.group],
                 gts: j.gts,
                 scale: j.scale,
             })
