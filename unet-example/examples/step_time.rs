@@ -1,7 +1,12 @@
 //! Time per training step of the default U-Net on the brain slices (batch 4, 112×96):
 //! cross-entropy only vs cross-entropy + Lovász-Softmax (forward, loss, backward, AdamW).
 //!
-//! `cargo run --release -p unet-example --example step_time [-- STEPS]`
+//! `cargo run --release -p unet-example --example step_time [-- [STEPS] [--mode ce|lovasz|both] [--write-batch PATH]]`
+//!
+//! `--write-batch PATH` writes the batch it times (u32 LE `B, C, H, W`, then the f32
+//! images, then the u8 labels) and exits: `benches/unet_twin.py` reads it, so the
+//! PyTorch twin times the same step on the same data (`benches/run_step_ratio.sh` runs
+//! both side by side and prints the ratio).
 
 use std::time::Instant;
 
@@ -13,18 +18,61 @@ use lovasz_candle::{
 use unet_example::model::{UNet, UNetConfig};
 use unet_example::optim::{AdamW, AdamWConfig};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+struct Options {
+    steps: usize,
+    modes: Vec<bool>,
+    write_batch: Option<String>,
+}
+
+fn options() -> Res<Options> {
+    let mut o = Options {
+        steps: 20,
+        modes: vec![false, true, false, true],
+        write_batch: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--mode" => {
+                o.modes = match args.next().as_deref() {
+                    Some("ce") => vec![false],
+                    Some("lovasz") => vec![true],
+                    Some("both") => vec![false, true],
+                    other => return Err(format!("--mode ce|lovasz|both, got {other:?}").into()),
+                }
+            }
+            "--write-batch" => {
+                o.write_batch = Some(args.next().ok_or("--write-batch needs a path")?);
+            }
+            s => {
+                o.steps = s.parse().map_err(|_| {
+                    format!("unknown argument {s:?} (expected STEPS, --mode or --write-batch)")
+                })?
+            }
+        }
+    }
+    Ok(o)
+}
+
+fn write_batch(path: &str, images: &[f32], masks: &[u8], dims: [u32; 4]) -> Res<()> {
+    let mut bytes = Vec::with_capacity(16 + 4 * images.len() + masks.len());
+    for d in dims {
+        bytes.extend_from_slice(&d.to_le_bytes());
+    }
+    for v in images {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    bytes.extend_from_slice(masks);
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+fn main() -> Res<()> {
     unet_example::device::limit_elementwise_threads();
     let kept = unet_example::device::keep_freed_memory();
-    println!(
-        "allocator: {}",
-        if kept {
-            "freed memory kept (keep_freed_memory)"
-        } else {
-            "left as it is (GLIBC_TUNABLES set, or not glibc)"
-        }
-    );
-    let steps: usize = std::env::args().nth(1).map_or(Ok(20), |s| s.parse())?;
+    let opts = options()?;
     let dev = Device::Cpu;
     let train = BrainSlices::load(Split::Train)?;
     let (mut images, mut masks) = (Vec::new(), Vec::new());
@@ -33,6 +81,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         images.extend(s.image);
         masks.extend(s.mask);
     }
+    if let Some(path) = &opts.write_batch {
+        let labels = masks
+            .iter()
+            .map(|&m| u8::try_from(m).map_err(|_| format!("label {m} does not fit a byte")))
+            .collect::<Result<Vec<u8>, _>>()?;
+        write_batch(path, &images, &labels, [4, 1, 112, 96])?;
+        println!("wrote the batch to {path}");
+        return Ok(());
+    }
+    println!(
+        "allocator: {}",
+        if kept {
+            "freed memory kept (keep_freed_memory)"
+        } else {
+            "left as it is (GLIBC_TUNABLES set, or not glibc)"
+        }
+    );
     let images = Tensor::from_vec(images, (4, 1, 112, 96), &dev)?;
     let masks = Tensor::from_vec(masks, (4, 112, 96), &dev)?;
     let ce_cfg = CrossEntropyConfig {
@@ -43,10 +108,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ignore_index: Some(255),
         ..Default::default()
     };
-    for with_lovasz in [false, true, false, true] {
+    let steps = opts.steps.max(1);
+    for &with_lovasz in &opts.modes {
         let model = UNet::new(&UNetConfig::default(), 0, &dev)?;
         let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
-        let mut step = || -> Result<(), Box<dyn std::error::Error>> {
+        let mut step = || -> Res<()> {
             let logits = model.forward_t(&images, true)?;
             let mut loss = cross_entropy(&logits, &masks, &ce_cfg)?;
             if with_lovasz {
