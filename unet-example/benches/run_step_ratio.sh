@@ -39,10 +39,10 @@ declare -a r_ce r_lov
 for ((i = 1; i <= rounds; i++)); do
   ours_ce=$("$bin" "$steps" --mode ce | ms)
   torch_ce=$("$python" "$root/unet-example/benches/unet_twin.py" --batch "$batch" \
-    --reference "$reference" --steps "$steps" --mode ce --threads "$threads" 2>/dev/null | ms)
+    --reference "$reference" --steps "$steps" --mode ce --threads "$threads" | ms)
   ours_lov=$("$bin" "$steps" --mode lovasz | ms)
   torch_lov=$("$python" "$root/unet-example/benches/unet_twin.py" --batch "$batch" \
-    --reference "$reference" --steps "$steps" --mode lovasz --threads "$threads" 2>/dev/null | ms)
+    --reference "$reference" --steps "$steps" --mode lovasz --threads "$threads" | ms)
   rc=$(echo "$ours_ce / $torch_ce" | bc -l)
   rl=$(echo "$ours_lov / $torch_lov" | bc -l)
   r_ce+=("$rc")
