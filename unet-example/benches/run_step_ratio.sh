@@ -35,16 +35,20 @@ trap 'rm -f "$batch"' EXIT
 threads=$(nproc)
 
 ms() { grep -o '[0-9.]* ms/step' | head -1 | cut -d' ' -f1; }
+ours() { "$bin" "$steps" --mode "$1" | ms; }
+torch() {
+  "$python" "$root/unet-example/benches/unet_twin.py" --batch "$batch" \
+    --reference "$reference" --steps "$steps" --mode "$1" --threads "$threads" | ms
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { print a / b }'; }
 declare -a r_ce r_lov
 for ((i = 1; i <= rounds; i++)); do
-  ours_ce=$("$bin" "$steps" --mode ce | ms)
-  torch_ce=$("$python" "$root/unet-example/benches/unet_twin.py" --batch "$batch" \
-    --reference "$reference" --steps "$steps" --mode ce --threads "$threads" | ms)
-  ours_lov=$("$bin" "$steps" --mode lovasz | ms)
-  torch_lov=$("$python" "$root/unet-example/benches/unet_twin.py" --batch "$batch" \
-    --reference "$reference" --steps "$steps" --mode lovasz --threads "$threads" | ms)
-  rc=$(echo "$ours_ce / $torch_ce" | bc -l)
-  rl=$(echo "$ours_lov / $torch_lov" | bc -l)
+  ours_ce=$(ours ce)
+  torch_ce=$(torch ce)
+  ours_lov=$(ours lovasz)
+  torch_lov=$(torch lovasz)
+  rc=$(ratio "$ours_ce" "$torch_ce")
+  rl=$(ratio "$ours_lov" "$torch_lov")
   r_ce+=("$rc")
   r_lov+=("$rl")
   printf 'round %d: CE ours %6.1f ms, torch %6.1f ms, ratio %.2f | CE+Lovasz ours %6.1f ms, torch %6.1f ms, ratio %.2f\n' \
