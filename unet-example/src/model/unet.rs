@@ -47,10 +47,11 @@ impl NormLayer {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle::Result<Tensor> {
+    /// `relu(norm(x))`.
+    fn forward_relu_t(&self, x: &Tensor, train: bool) -> candle::Result<Tensor> {
         match self {
-            NormLayer::Batch(bn) => bn.forward_t(x, train),
-            NormLayer::Group(gn) => gn.forward(x),
+            NormLayer::Batch(bn) => bn.forward_relu_t(x, train),
+            NormLayer::Group(gn) => gn.forward(x)?.relu(),
         }
     }
 }
@@ -87,11 +88,8 @@ impl ConvBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle::Result<Tensor> {
         let x = self
             .norm1
-            .forward_t(&conv3x3(x, &self.conv1)?, train)?
-            .relu()?;
-        self.norm2
-            .forward_t(&conv3x3(&x, &self.conv2)?, train)?
-            .relu()
+            .forward_relu_t(&conv3x3(x, &self.conv1)?, train)?;
+        self.norm2.forward_relu_t(&conv3x3(&x, &self.conv2)?, train)
     }
 }
 

@@ -1,0 +1,227 @@
+//! Training-mode batch normalisation followed by ReLU as one CPU op (f32, `[C, …]` with
+//! each channel's values contiguous): two passes forward, two backward, instead of the
+//! dozen candle ops (and their gradient buffers) of the composed layer.
+//!
+//! Forward, per channel `c` over its `n` values: `x̂ = (x − μ) / √(σ² + ε)` with the
+//! batch mean `μ` and biased variance `σ²`, `y = max(0, γ x̂ + β)`. Backward, with
+//! `g = ∂L/∂y · [γ x̂ + β > 0]`: `∂L/∂β = Σ g`, `∂L/∂γ = Σ g x̂`,
+//! `∂L/∂x = γ / √(σ² + ε) · (g − ∂L/∂β / n − x̂ ∂L/∂γ / n)`.
+
+use std::sync::{Arc, Mutex};
+
+use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::im2col::f32_slice;
+
+/// The batch statistics of one forward pass, per channel: mean and biased variance.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BatchStats {
+    pub mean: Vec<f32>,
+    pub var: Vec<f32>,
+}
+
+/// `relu(batch_norm(x))` of `x` `[C, …]` f32 with scale `gamma` `[C]` and shift `beta`
+/// `[C]`, on the CPU; also returns the batch statistics for the running averages.
+pub(crate) fn bn_relu_cpu(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle::Result<(Tensor, BatchStats)> {
+    let stats = Arc::new(Mutex::new(BatchStats::default()));
+    let y = x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        BnRelu {
+            eps,
+            stats: Arc::clone(&stats),
+        },
+    )?;
+    let stats = stats
+        .lock()
+        .map_err(|_| candle::Error::msg("bn_relu: poisoned lock"))?
+        .clone();
+    Ok((y, stats))
+}
+
+struct BnRelu {
+    eps: f64,
+    stats: Arc<Mutex<BatchStats>>,
+}
+
+/// The channel count and the values per channel of `x` `[C, …]`, checked against `[C]`
+/// parameters.
+fn channels(x: &Layout, param: usize, param_len: usize) -> candle::Result<(usize, usize)> {
+    let dims = x.shape().dims();
+    let Some(&c) = dims.first() else {
+        candle::bail!("bn_relu: input must have a channel dimension, got a scalar")
+    };
+    if param != c || param_len != c {
+        candle::bail!("bn_relu: scale and shift must be [{c}], got [{param}] and [{param_len}]")
+    }
+    let n = x.shape().elem_count() / c.max(1);
+    if n == 0 {
+        candle::bail!("bn_relu: no values to normalise (input shape {dims:?})")
+    }
+    Ok((c, n))
+}
+
+/// Per-channel scale and shift so that `γ x̂ + β = x · s + t`.
+fn affine(mean: f32, invstd: f32, gamma: f32, beta: f32) -> (f32, f32) {
+    let s = gamma * invstd;
+    (s, beta - mean * s)
+}
+
+impl CustomOp3 for BnRelu {
+    fn name(&self) -> &'static str {
+        "bn_relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(sx, lx, "bn_relu")?;
+        let gamma = f32_slice(sg, lg, "bn_relu")?;
+        let beta = f32_slice(sb, lb, "bn_relu")?;
+        let (c, n) = channels(lx, gamma.len(), beta.len())?;
+        let mut y = vec![0f32; c * n];
+        let eps = self.eps;
+        let moments: Vec<(f32, f32)> = y
+            .par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .enumerate()
+            .map(|(ch, (y, x))| {
+                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+                let var = x
+                    .iter()
+                    .map(|&v| {
+                        let d = v as f64 - mean;
+                        d * d
+                    })
+                    .sum::<f64>()
+                    / n as f64;
+                let invstd = (1.0 / (var + eps).sqrt()) as f32;
+                let (s, t) = affine(mean as f32, invstd, gamma[ch], beta[ch]);
+                y.iter_mut()
+                    .zip(x)
+                    .for_each(|(y, &v)| *y = (v * s + t).max(0.0));
+                (mean as f32, var as f32)
+            })
+            .collect();
+        let mut stats = self
+            .stats
+            .lock()
+            .map_err(|_| candle::Error::msg("bn_relu: poisoned lock"))?;
+        stats.mean = moments.iter().map(|m| m.0).collect();
+        stats.var = moments.iter().map(|m| m.1).collect();
+        Ok((CpuStorage::F32(y), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = self
+            .stats
+            .lock()
+            .map_err(|_| candle::Error::msg("bn_relu: poisoned lock"))?
+            .clone();
+        let c = stats.mean.len();
+        let n = x.elem_count() / c.max(1);
+        let params = BnReluGrad {
+            mean: stats.mean,
+            invstd: stats
+                .var
+                .iter()
+                .map(|&v| (1.0 / (v as f64 + self.eps).sqrt()) as f32)
+                .collect(),
+            gamma: gamma.to_vec1()?,
+            beta: beta.to_vec1()?,
+        };
+        let all = x.apply_op2_no_bwd(&grad.contiguous()?, &params)?;
+        let grad_x = if x.track_op() {
+            Some(all.narrow(0, 0, c * n)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let grad_gamma = all.narrow(0, c * n, c)?;
+        let grad_beta = all.narrow(0, c * n + c, c)?;
+        Ok((grad_x, Some(grad_gamma), Some(grad_beta)))
+    }
+}
+
+/// The backward op: `(x, ∂L/∂y)` → one flat tensor holding `∂L/∂x` (`C·n` values), then
+/// `∂L/∂γ` and `∂L/∂β` (`C` each).
+struct BnReluGrad {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+impl CustomOp2 for BnReluGrad {
+    fn name(&self) -> &'static str {
+        "bn_relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(sx, lx, "bn_relu backward")?;
+        let g = f32_slice(sg, lg, "bn_relu backward")?;
+        let c = self.mean.len();
+        if x.len() != g.len() || c == 0 || x.len() % c != 0 {
+            candle::bail!(
+                "bn_relu backward: {} gradient values for {} inputs in {c} channels",
+                g.len(),
+                x.len()
+            )
+        }
+        let n = x.len() / c;
+        let mut out = vec![0f32; c * n + 2 * c];
+        let (dx, sums) = out.split_at_mut(c * n);
+        let per_channel: Vec<(f32, f32)> = dx
+            .par_chunks_mut(n)
+            .zip(x.par_chunks(n).zip(g.par_chunks(n)))
+            .enumerate()
+            .map(|(ch, (dx, (x, g)))| {
+                let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
+                let (s, t) = affine(mean, invstd, self.gamma[ch], self.beta[ch]);
+                let (mut dbeta, mut dgamma) = (0f64, 0f64);
+                for (&v, &dy) in x.iter().zip(g) {
+                    if v * s + t > 0.0 {
+                        dbeta += dy as f64;
+                        dgamma += (dy * (v - mean) * invstd) as f64;
+                    }
+                }
+                let (mb, mg) = ((dbeta / n as f64) as f32, (dgamma / n as f64) as f32);
+                for ((dx, &v), &dy) in dx.iter_mut().zip(x).zip(g) {
+                    let gy = if v * s + t > 0.0 { dy } else { 0.0 };
+                    *dx = s * (gy - mb - (v - mean) * invstd * mg);
+                }
+                (dgamma as f32, dbeta as f32)
+            })
+            .collect();
+        let (dgamma, dbeta) = sums.split_at_mut(c);
+        for (ch, (dg, db)) in per_channel.into_iter().enumerate() {
+            dgamma[ch] = dg;
+            dbeta[ch] = db;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(c * n + 2 * c)))
+    }
+}

@@ -1,0 +1,203 @@
+//! The 3×3 convolution as one CPU op (f32, `[C, B, H, W]`): im2col and one product
+//! forward, and a backward that computes the kernel's gradient from the cached columns
+//! and the input's gradient through col2im, so the autograd graph holds one node per
+//! convolution instead of im2col + matmul with their `[9C, B·H·W]` gradients.
+
+use std::sync::{Arc, Mutex};
+
+use candle::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{matmul, threads_for, View};
+use super::im2col::{col2im, f32_slice, im2col};
+
+/// `x` `[C, B, H, W]` f32 ⊛ `weight` `[O, C, 3, 3]` f32 → `[O, B, H, W]` on the CPU.
+pub(crate) fn conv3x3_cpu(x: &Tensor, weight: &Tensor) -> candle::Result<Tensor> {
+    x.contiguous()?.apply_op2(
+        &weight.contiguous()?,
+        Conv3x3 {
+            col: Mutex::new(None),
+        },
+    )
+}
+
+/// The forward op; it keeps its im2col columns for the backward pass.
+struct Conv3x3 {
+    col: Mutex<Option<Arc<Vec<f32>>>>,
+}
+
+fn dims(x: &Layout, w: &Layout) -> candle::Result<((usize, usize, usize, usize), usize)> {
+    let (c, b, h, wd) = x.shape().dims4()?;
+    let (o, wc, kh, kw) = w.shape().dims4()?;
+    if wc != c || kh != 3 || kw != 3 {
+        candle::bail!(
+            "conv3x3: kernel {:?} does not fit {c} input channels (expected [O, {c}, 3, 3])",
+            w.shape().dims()
+        )
+    }
+    Ok(((c, b, h, wd), o))
+}
+
+impl CustomOp2 for Conv3x3 {
+    fn name(&self) -> &'static str {
+        "conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        let ((c, b, h, w), o) = dims(lx, lw)?;
+        let x = f32_slice(sx, lx, "conv3x3")?;
+        let kernel = f32_slice(sw, lw, "conv3x3")?;
+        let n = b * h * w;
+        let col = im2col(x, (c, b, h, w));
+        let mut out = vec![0f32; o * n];
+        matmul(
+            &mut out,
+            (o, n, 9 * c),
+            View::rows(kernel, 9 * c),
+            View::rows(&col, n),
+            false,
+            threads_for(o * n * 9 * c),
+        )?;
+        *self
+            .col
+            .lock()
+            .map_err(|_| candle::Error::msg("conv3x3: poisoned lock"))? = Some(Arc::new(col));
+        Ok((CpuStorage::F32(out), Shape::from((o, b, h, w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let cached = self
+            .col
+            .lock()
+            .map_err(|_| candle::Error::msg("conv3x3: poisoned lock"))?
+            .clone();
+        let grad_w = if weight.track_op() {
+            Some(grad.apply_op2_no_bwd(x, &KernelGrad { col: cached })?)
+        } else {
+            None
+        };
+        let grad_x = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(weight, &InputGrad)?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_w))
+    }
+}
+
+/// `grad` `[O, B, H, W]`, `x` `[C, B, H, W]` → the kernel's gradient `[O, C, 3, 3]`:
+/// `grad · colᵀ`, the pixel sum split into per-thread parts added in a fixed order.
+struct KernelGrad {
+    col: Option<Arc<Vec<f32>>>,
+}
+
+impl CustomOp2 for KernelGrad {
+    fn name(&self) -> &'static str {
+        "conv3x3-kernel-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sx: &CpuStorage,
+        lx: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        let (c, b, h, w) = lx.shape().dims4()?;
+        let (o, gb, gh, gw) = lg.shape().dims4()?;
+        if (gb, gh, gw) != (b, h, w) {
+            candle::bail!(
+                "conv3x3 backward: gradient {:?} does not match the output",
+                lg.shape()
+            )
+        }
+        let g = f32_slice(sg, lg, "conv3x3 backward")?;
+        let n = b * h * w;
+        let col = match &self.col {
+            Some(col) => Arc::clone(col),
+            None => Arc::new(im2col(f32_slice(sx, lx, "conv3x3 backward")?, (c, b, h, w))),
+        };
+        let k = 9 * c;
+        let parts = threads_for(o * n * k).min(n.max(1));
+        let len = n.div_ceil(parts.max(1)).max(1);
+        let partial: Vec<Vec<f32>> = (0..parts)
+            .into_par_iter()
+            .map(|p| {
+                let (start, end) = (p * len, ((p + 1) * len).min(n));
+                let mut dw = vec![0f32; o * k];
+                if start < end {
+                    let g = View {
+                        data: &g[start..],
+                        rs: n,
+                        cs: 1,
+                    };
+                    // colᵀ restricted to pixels start..end: element (pixel, row) = col[row·n + pixel].
+                    let col_t = View {
+                        data: &col[start..],
+                        rs: 1,
+                        cs: n,
+                    };
+                    matmul(&mut dw, (o, k, end - start), g, col_t, false, 1)?;
+                }
+                Ok(dw)
+            })
+            .collect::<candle::Result<_>>()?;
+        let mut partial = partial.into_iter();
+        let mut dw = partial.next().unwrap_or_else(|| vec![0f32; o * k]);
+        for part in partial {
+            dw.iter_mut().zip(&part).for_each(|(a, v)| *a += v);
+        }
+        Ok((CpuStorage::F32(dw), Shape::from((o, c, 3, 3))))
+    }
+}
+
+/// `grad` `[O, B, H, W]`, `weight` `[O, C, 3, 3]` → the input's gradient `[C, B, H, W]`:
+/// col2im of `weightᵀ · grad`.
+struct InputGrad;
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "conv3x3-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        let (o, b, h, w) = lg.shape().dims4()?;
+        let (wo, c, _, _) = lw.shape().dims4()?;
+        if wo != o {
+            candle::bail!("conv3x3 backward: gradient has {o} channels, kernel {wo}")
+        }
+        let g = f32_slice(sg, lg, "conv3x3 backward")?;
+        let kernel = f32_slice(sw, lw, "conv3x3 backward")?;
+        let n = b * h * w;
+        let mut dcol = vec![0f32; 9 * c * n];
+        matmul(
+            &mut dcol,
+            (9 * c, n, o),
+            View::rows(kernel, 9 * c).t(),
+            View::rows(g, n),
+            false,
+            threads_for(9 * c * n * o),
+        )?;
+        let dx = col2im(&dcol, (c, b, h, w));
+        Ok((CpuStorage::F32(dx), Shape::from((c, b, h, w))))
+    }
+}
