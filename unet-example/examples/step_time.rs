@@ -1,7 +1,10 @@
 //! Time per training step of the default U-Net on the brain slices (batch 4, 112×96):
 //! cross-entropy only vs cross-entropy + Lovász-Softmax (forward, loss, backward, AdamW).
 //!
-//! `cargo run --release -p unet-example --example step_time [-- [STEPS] [--mode ce|lovasz|both] [--write-batch PATH]]`
+//! `cargo run --release -p unet-example --example step_time [-- [STEPS] [--mode ce|lovasz|both] [--split] [--write-batch PATH]]`
+//!
+//! `--split` also prints where a step's time goes: forward pass + loss, backward pass,
+//! optimiser update.
 //!
 //! `--write-batch PATH` writes the batch it times (u32 LE `B, C, H, W`, then the f32
 //! images, then the u8 labels) and exits: `benches/unet_twin.py` reads it, so the
@@ -24,6 +27,7 @@ struct Options {
     steps: usize,
     modes: Vec<bool>,
     write_batch: Option<String>,
+    split: bool,
 }
 
 fn options() -> Res<Options> {
@@ -31,6 +35,7 @@ fn options() -> Res<Options> {
         steps: 20,
         modes: vec![false, true, false, true],
         write_batch: None,
+        split: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -43,12 +48,15 @@ fn options() -> Res<Options> {
                     other => return Err(format!("--mode ce|lovasz|both, got {other:?}").into()),
                 }
             }
+            "--split" => o.split = true,
             "--write-batch" => {
                 o.write_batch = Some(args.next().ok_or("--write-batch needs a path")?);
             }
             s => {
                 o.steps = s.parse().map_err(|_| {
-                    format!("unknown argument {s:?} (expected STEPS, --mode or --write-batch)")
+                    format!(
+                        "unknown argument {s:?} (expected STEPS, --mode, --split or --write-batch)"
+                    )
                 })?
             }
         }
@@ -112,19 +120,29 @@ fn main() -> Res<()> {
     for &with_lovasz in &opts.modes {
         let model = UNet::new(&UNetConfig::default(), 0, &dev)?;
         let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
-        let mut step = || -> Res<()> {
+        // Seconds in forward + loss, backward, optimiser, summed over the steps.
+        let mut parts = [0f64; 3];
+        let mut step = |parts: &mut [f64; 3]| -> Res<()> {
+            let t0 = Instant::now();
             let logits = model.forward_t(&images, true)?;
             let mut loss = cross_entropy(&logits, &masks, &ce_cfg)?;
             if with_lovasz {
                 loss = (loss + lovasz_softmax_with_logits(&logits, &masks, &lov_cfg)?)?;
             }
-            opt.step(&loss.backward()?, 1e-3)?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            let t2 = Instant::now();
+            opt.step(&grads, 1e-3)?;
+            parts[0] += (t1 - t0).as_secs_f64();
+            parts[1] += (t2 - t1).as_secs_f64();
+            parts[2] += t2.elapsed().as_secs_f64();
             Ok(())
         };
-        step()?;
+        step(&mut parts)?;
+        parts = [0.0; 3];
         let t = Instant::now();
         for _ in 0..steps {
-            step()?;
+            step(&mut parts)?;
         }
         let ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
         let name = if with_lovasz {
@@ -133,6 +151,13 @@ fn main() -> Res<()> {
             "CE only"
         };
         println!("{name:>20}: {ms:7.1} ms/step ({steps} steps)");
+        if opts.split {
+            let [f, b, o] = parts.map(|p| p * 1e3 / steps as f64);
+            println!(
+                "{:>20}  forward + loss {f:.1} ms, backward {b:.1} ms, optimiser {o:.1} ms",
+                ""
+            );
+        }
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! The 3×3 convolution as one CPU op (f32, `[C, B, H, W]`): im2col and one product
 //! forward, and a backward that computes the kernel's gradient from the cached columns
-//! and the input's gradient through col2im, so the autograd graph holds one node per
-//! convolution instead of im2col + matmul with their `[9C, B·H·W]` gradients.
+//! and the input's gradient as the convolution of the output's gradient with the
+//! flipped, transposed kernel (`9·O`-deep products instead of `O`-deep ones and a
+//! col2im), so the autograd graph holds one node per convolution instead of im2col +
+//! matmul with their `[9C, B·H·W]` gradients.
 
 use std::sync::{Arc, Mutex};
 
@@ -9,7 +11,7 @@ use candle::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, threads_for, View};
-use super::im2col::{col2im, f32_slice, im2col};
+use super::im2col::{f32_slice, im2col};
 
 /// `x` `[C, B, H, W]` f32 ⊛ `weight` `[O, C, 3, 3]` f32 → `[O, B, H, W]` on the CPU.
 pub(crate) fn conv3x3_cpu(x: &Tensor, weight: &Tensor) -> candle::Result<Tensor> {
@@ -164,8 +166,31 @@ impl CustomOp2 for KernelGrad {
     }
 }
 
+/// The convolution of `x` `[C, B, H, W]` with `kernel` `[O, 9C]` (rows `(c, ky, kx)`):
+/// `[O, B·H·W]`, and the im2col columns `[9C, B·H·W]` it multiplied.
+fn conv_gemm(
+    x: &[f32],
+    (c, b, h, w): (usize, usize, usize, usize),
+    kernel: &[f32],
+    o: usize,
+) -> candle::Result<(Vec<f32>, Vec<f32>)> {
+    let n = b * h * w;
+    let col = im2col(x, (c, b, h, w));
+    let mut out = vec![0f32; o * n];
+    matmul(
+        &mut out,
+        (o, n, 9 * c),
+        View::rows(kernel, 9 * c),
+        View::rows(&col, n),
+        false,
+        threads_for(o * n * 9 * c),
+    )?;
+    Ok((out, col))
+}
+
 /// `grad` `[O, B, H, W]`, `weight` `[O, C, 3, 3]` → the input's gradient `[C, B, H, W]`:
-/// col2im of `weightᵀ · grad`.
+/// `grad` convolved with the kernel flipped in space and transposed in channels,
+/// `w'[c, o, ky, kx] = w[o, c, 2 − ky, 2 − kx]`.
 struct InputGrad;
 
 impl CustomOp2 for InputGrad {
@@ -187,17 +212,15 @@ impl CustomOp2 for InputGrad {
         }
         let g = f32_slice(sg, lg, "conv3x3 backward")?;
         let kernel = f32_slice(sw, lw, "conv3x3 backward")?;
-        let n = b * h * w;
-        let mut dcol = vec![0f32; 9 * c * n];
-        matmul(
-            &mut dcol,
-            (9 * c, n, o),
-            View::rows(kernel, 9 * c).t(),
-            View::rows(g, n),
-            false,
-            threads_for(9 * c * n * o),
-        )?;
-        let dx = col2im(&dcol, (c, b, h, w));
+        let mut flipped = vec![0f32; c * 9 * o];
+        for oc in 0..o {
+            for ic in 0..c {
+                for k in 0..9 {
+                    flipped[(ic * o + oc) * 9 + (8 - k)] = kernel[(oc * c + ic) * 9 + k];
+                }
+            }
+        }
+        let (dx, _) = conv_gemm(g, (o, b, h, w), &flipped, c)?;
         Ok((CpuStorage::F32(dx), Shape::from((c, b, h, w))))
     }
 }

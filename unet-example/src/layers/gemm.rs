@@ -22,15 +22,6 @@ impl<'a> View<'a> {
         }
     }
 
-    /// The transpose of this view.
-    pub fn t(self) -> Self {
-        View {
-            data: self.data,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-
     fn check(&self, rows: usize, cols: usize, what: &str) -> candle::Result<()> {
         if rows == 0 || cols == 0 {
             return Ok(());
@@ -152,15 +143,12 @@ mod tests {
         }
         // aᵀ stored as [k, m], read back transposed; accumulate doubles the result.
         let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
-        matmul(
-            &mut c,
-            (m, n, k),
-            View::rows(&at, m).t(),
-            View::rows(&b, n),
-            true,
-            2,
-        )
-        .unwrap();
+        let at_t = View {
+            data: &at,
+            rs: 1,
+            cs: m,
+        };
+        matmul(&mut c, (m, n, k), at_t, View::rows(&b, n), true, 2).unwrap();
         for (x, y) in c.iter().zip(&want) {
             assert!((x - 2.0 * y).abs() < 1e-5);
         }

@@ -9,7 +9,7 @@
 //!
 //! On the CPU in f32 the hot layers are single autograd nodes with hand-written
 //! backward passes: the 3×3 convolution (im2col and one GEMM forward; kernel gradient
-//! from the kept columns, input gradient through col2im), batch norm + ReLU in training
+//! from the kept columns, input gradient as a convolution with the flipped kernel), batch norm + ReLU in training
 //! mode, and 2×2 max pooling. On every other device or dtype the same functions compose
 //! differentiable candle ops (im2col from `narrow` + `stack`), and the tests check the
 //! two paths against each other and against candle-nn, values and gradients.
