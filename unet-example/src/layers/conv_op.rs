@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::direct;
 use super::gemm::{matmul, threads_for, View};
 use super::im2col::{f32_slice, im2col};
 
@@ -55,21 +56,11 @@ impl CustomOp2 for Conv3x3 {
         let ((c, b, h, w), o) = dims(lx, lw)?;
         let x = f32_slice(sx, lx, "conv3x3")?;
         let kernel = f32_slice(sw, lw, "conv3x3")?;
-        let n = b * h * w;
-        let col = im2col(x, (c, b, h, w));
-        let mut out = vec![0f32; o * n];
-        matmul(
-            &mut out,
-            (o, n, 9 * c),
-            View::rows(kernel, 9 * c),
-            View::rows(&col, n),
-            false,
-            threads_for(o * n * 9 * c),
-        )?;
+        let (out, col) = convolve(x, (c, b, h, w), kernel, o)?;
         *self
             .col
             .lock()
-            .map_err(|_| candle::Error::msg("conv3x3: poisoned lock"))? = Some(Arc::new(col));
+            .map_err(|_| candle::Error::msg("conv3x3: poisoned lock"))? = col.map(Arc::new);
         Ok((CpuStorage::F32(out), Shape::from((o, b, h, w))))
     }
 
@@ -101,7 +92,8 @@ impl CustomOp2 for Conv3x3 {
 }
 
 /// `grad` `[O, B, H, W]`, `x` `[C, B, H, W]` → the kernel's gradient `[O, C, 3, 3]`:
-/// `grad · colᵀ`, the pixel sum split into per-thread parts added in a fixed order.
+/// from the direct kernel where the forward pass was direct, else `grad · colᵀ` from the
+/// kept columns, the pixel sum split into per-thread parts added in a fixed order.
 struct KernelGrad {
     col: Option<Arc<Vec<f32>>>,
 }
@@ -130,7 +122,13 @@ impl CustomOp2 for KernelGrad {
         let n = b * h * w;
         let col = match &self.col {
             Some(col) => Arc::clone(col),
-            None => Arc::new(im2col(f32_slice(sx, lx, "conv3x3 backward")?, (c, b, h, w))),
+            None => {
+                let x = f32_slice(sx, lx, "conv3x3 backward")?;
+                if let Some(dw) = direct::kernel_grad(x, (c, b, h, w), g, o) {
+                    return Ok((CpuStorage::F32(dw), Shape::from((o, c, 3, 3))));
+                }
+                Arc::new(im2col(x, (c, b, h, w)))
+            }
         };
         let k = 9 * c;
         let parts = threads_for(o * n * k).min(n.max(1));
@@ -166,14 +164,18 @@ impl CustomOp2 for KernelGrad {
     }
 }
 
-/// The convolution of `x` `[C, B, H, W]` with `kernel` `[O, 9C]` (rows `(c, ky, kx)`):
-/// `[O, B·H·W]`, and the im2col columns `[9C, B·H·W]` it multiplied.
-fn conv_gemm(
+/// The convolution of `x` `[C, B, H, W]` with `kernel` `[O, C, 3, 3]`: `[O, B·H·W]`,
+/// from the direct kernel where it applies, else from im2col + GEMM, and then also the
+/// im2col columns `[9C, B·H·W]` it multiplied.
+fn convolve(
     x: &[f32],
     (c, b, h, w): (usize, usize, usize, usize),
     kernel: &[f32],
     o: usize,
-) -> candle::Result<(Vec<f32>, Vec<f32>)> {
+) -> candle::Result<(Vec<f32>, Option<Vec<f32>>)> {
+    if let Some(out) = direct::conv3x3(x, (c, b, h, w), kernel, o) {
+        return Ok((out, None));
+    }
     let n = b * h * w;
     let col = im2col(x, (c, b, h, w));
     let mut out = vec![0f32; o * n];
@@ -185,7 +187,7 @@ fn conv_gemm(
         false,
         threads_for(o * n * 9 * c),
     )?;
-    Ok((out, col))
+    Ok((out, Some(col)))
 }
 
 /// `grad` `[O, B, H, W]`, `weight` `[O, C, 3, 3]` → the input's gradient `[C, B, H, W]`:
@@ -220,7 +222,7 @@ impl CustomOp2 for InputGrad {
                 }
             }
         }
-        let (dx, _) = conv_gemm(g, (o, b, h, w), &flipped, c)?;
+        let (dx, _) = convolve(g, (o, b, h, w), &flipped, c)?;
         Ok((CpuStorage::F32(dx), Shape::from((c, b, h, w))))
     }
 }

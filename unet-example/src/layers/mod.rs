@@ -18,6 +18,7 @@ use candle::{DType, Tensor, Var, D};
 
 mod bn_relu;
 mod conv_op;
+mod direct;
 mod gemm;
 mod im2col;
 mod pool;
