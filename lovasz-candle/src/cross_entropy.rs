@@ -3,7 +3,11 @@
 use candle::{bail, Result, Tensor};
 
 use crate::config::Reduction;
-use crate::input::{check_label_dims, check_not_empty, upcast, ClassAxes, HostLabels, VOID};
+use crate::input::{
+    check_label_dims, check_not_empty, host_copy_forced, upcast, ClassAxes, HostLabels, VOID,
+};
+use crate::kernel::ChannelOrder;
+use crate::softmax_nll::softmax_nll;
 
 /// Options of [`cross_entropy`]. `Default`: no ignore index, no class weights, mean,
 /// channels first.
@@ -67,11 +71,6 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, cfg: &CrossEntropyConfig)
             bail!("cross_entropy: class_weights[{c}] = {v} must be finite and >= 0")
         }
     }
-    let index: Vec<u32> = host
-        .values
-        .iter()
-        .map(|&l| if l == VOID { 0 } else { l })
-        .collect();
     let pixel_weight: Vec<f32> = host
         .values
         .iter()
@@ -87,13 +86,32 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, cfg: &CrossEntropyConfig)
 
     let x = upcast(logits, "logits")?;
     let dev = x.device();
-    let mut index_dims = expected.clone();
-    index_dims.insert(axes.axis, 1);
-    let index = Tensor::from_vec(index, index_dims, dev)?;
-    let pixel_weight = Tensor::from_vec(pixel_weight, expected, dev)?.to_dtype(x.dtype())?;
-    let log_p = candle_nn::ops::log_softmax(&x, axes.axis)?;
-    let picked = (log_p.contiguous()?.gather(&index, axes.axis)?).squeeze(axes.axis)?;
-    let per_pixel = (picked.neg()? * pixel_weight)?;
+    let pixel_weight =
+        Tensor::from_vec(pixel_weight, expected.clone(), dev)?.to_dtype(x.dtype())?;
+    let nll = if dev.is_cpu() && !host_copy_forced() {
+        let order = if cfg.channels_last {
+            ChannelOrder::Last
+        } else {
+            ChannelOrder::First
+        };
+        softmax_nll(&x, host.values, order, axes.axis)?
+    } else {
+        let index: Vec<u32> = host
+            .values
+            .iter()
+            .map(|&l| if l == VOID { 0 } else { l })
+            .collect();
+        let mut index_dims = expected;
+        index_dims.insert(axes.axis, 1);
+        let index = Tensor::from_vec(index, index_dims, dev)?;
+        let log_p = candle_nn::ops::log_softmax(&x, axes.axis)?;
+        log_p
+            .contiguous()?
+            .gather(&index, axes.axis)?
+            .squeeze(axes.axis)?
+            .neg()?
+    };
+    let per_pixel = (nll * pixel_weight)?;
     match cfg.reduction {
         Reduction::None => Ok(per_pixel),
         Reduction::Sum => per_pixel.sum_all(),

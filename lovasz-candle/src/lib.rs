@@ -117,6 +117,7 @@ mod jaccard;
 mod kernel;
 pub mod metrics;
 mod softmax;
+mod softmax_nll;
 #[cfg(test)]
 mod test_rng;
 

@@ -264,6 +264,57 @@ fn cross_entropy_channels_last_matches_channels_first() -> Result<()> {
 }
 
 #[test]
+fn fused_cross_entropy_matches_the_composed_ops() -> Result<()> {
+    // The CPU op (one pass, kept probabilities) against candle's log_softmax + gather,
+    // which the host-copy switch selects, in both layouts, f32 and f64.
+    let dims = [2, 4, 5, 7];
+    let (logits, labels) = problem(&dims, 11)?;
+    for dtype in [DType::F32, DType::F64] {
+        let logits = logits.to_dtype(dtype)?;
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            for channels_last in [false, true] {
+                let cfg = CrossEntropyConfig {
+                    ignore_index: Some(255),
+                    class_weights: Some(vec![1.0, 0.5, 2.0, 0.0]),
+                    reduction,
+                    channels_last,
+                };
+                let x = if channels_last {
+                    to_last(&logits)?
+                } else {
+                    logits.clone()
+                };
+                let fused = value_and_grad(&x, |t| cross_entropy(t, &labels, &cfg))?;
+                force_host_copy(true);
+                let composed = value_and_grad(&x, |t| cross_entropy(t, &labels, &cfg));
+                force_host_copy(false);
+                let what = format!("cross_entropy {dtype:?} {reduction:?} last={channels_last}");
+                let tol = if dtype == DType::F32 { 2e-6 } else { 1e-12 };
+                assert_same(&what, composed?, fused, false, tol);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_cross_entropy_is_finite_for_large_margins() -> Result<()> {
+    // p_y underflows f32 at a margin of 200; −log p_y must still be the margin.
+    let logits = Tensor::new(&[[[0f32], [200.0]], [[300.0], [0.0]]], &DEV)?;
+    let labels = Tensor::new(&[[0u32], [1]], &DEV)?;
+    let cfg = CrossEntropyConfig {
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    let (loss, grad) = value_and_grad(&logits, |t| {
+        cross_entropy(t, &labels, &cfg).and_then(|l| l.sum_all())
+    })?;
+    assert!((loss[0] - 500.0).abs() < 1e-3, "{loss:?}");
+    assert_eq!(grad, [-1.0, 1.0, 1.0, -1.0]);
+    Ok(())
+}
+
+#[test]
 fn bad_channels_last_shapes_are_clear_errors() -> Result<()> {
     let err = |r: candle::Result<Tensor>| match r {
         Ok(t) => panic!("expected an error, got a tensor of shape {:?}", t.dims()),
