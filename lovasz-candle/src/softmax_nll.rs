@@ -73,7 +73,9 @@ impl SoftmaxExp for f32 {
         const LN2_LO: f32 = -2.121_944_4e-4;
         // Below ~-87.3 the result is subnormal: flush to 0 (the softmax's terms are ≤ 1).
         let x = self.clamp(-87.3, 88.0);
-        let n = (x * LOG2E).round();
+        // Round to nearest by the 1.5·2²³ trick (no libm call, so the loop vectorises).
+        const ROUND: f32 = 12_582_912.0;
+        let n = (x * LOG2E + ROUND) - ROUND;
         let r = x - n * LN2_HI - n * LN2_LO;
         let p = 1.987_569_1e-4_f32;
         let p = p * r + 1.398_199_9e-3;
