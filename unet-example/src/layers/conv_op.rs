@@ -19,14 +19,23 @@ pub(crate) fn conv3x3_cpu(x: &Tensor, weight: &Tensor) -> candle::Result<Tensor>
     x.contiguous()?.apply_op2(
         &weight.contiguous()?,
         Conv3x3 {
-            col: Mutex::new(None),
+            kept: Mutex::new(None),
         },
     )
 }
 
-/// The forward op; it keeps its im2col columns for the backward pass.
+/// The forward op; it keeps its input, padded or as im2col columns, for the kernel's
+/// gradient.
 struct Conv3x3 {
-    col: Mutex<Option<Arc<Vec<f32>>>>,
+    kept: Mutex<Option<Arc<Kept>>>,
+}
+
+/// The forward pass's view of the input that the kernel's gradient multiplies.
+enum Kept {
+    /// Zero-padded, from the direct kernel.
+    Padded(direct::Padded),
+    /// As im2col columns `[9C, B·H·W]`, from the GEMM path.
+    Columns(Vec<f32>),
 }
 
 fn dims(x: &Layout, w: &Layout) -> candle::Result<((usize, usize, usize, usize), usize)> {
@@ -56,11 +65,11 @@ impl CustomOp2 for Conv3x3 {
         let ((c, b, h, w), o) = dims(lx, lw)?;
         let x = f32_slice(sx, lx, "conv3x3")?;
         let kernel = f32_slice(sw, lw, "conv3x3")?;
-        let (out, col) = convolve(x, (c, b, h, w), kernel, o)?;
+        let (out, kept) = convolve(x, (c, b, h, w), kernel, o)?;
         *self
-            .col
+            .kept
             .lock()
-            .map_err(|_| candle::Error::msg("conv3x3: poisoned lock"))? = col.map(Arc::new);
+            .map_err(|_| candle::Error::msg("conv3x3: poisoned lock"))? = Some(Arc::new(kept));
         Ok((CpuStorage::F32(out), Shape::from((o, b, h, w))))
     }
 
@@ -72,13 +81,13 @@ impl CustomOp2 for Conv3x3 {
         grad: &Tensor,
     ) -> candle::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let cached = self
-            .col
+        let kept = self
+            .kept
             .lock()
             .map_err(|_| candle::Error::msg("conv3x3: poisoned lock"))?
             .clone();
         let grad_w = if weight.track_op() {
-            Some(grad.apply_op2_no_bwd(x, &KernelGrad { col: cached })?)
+            Some(grad.apply_op2_no_bwd(x, &KernelGrad { kept })?)
         } else {
             None
         };
@@ -95,7 +104,7 @@ impl CustomOp2 for Conv3x3 {
 /// from the direct kernel where the forward pass was direct, else `grad · colᵀ` from the
 /// kept columns, the pixel sum split into per-thread parts added in a fixed order.
 struct KernelGrad {
-    col: Option<Arc<Vec<f32>>>,
+    kept: Option<Arc<Kept>>,
 }
 
 impl CustomOp2 for KernelGrad {
@@ -120,15 +129,20 @@ impl CustomOp2 for KernelGrad {
         }
         let g = f32_slice(sg, lg, "conv3x3 backward")?;
         let n = b * h * w;
-        let col = match &self.col {
-            Some(col) => Arc::clone(col),
-            None => {
-                let x = f32_slice(sx, lx, "conv3x3 backward")?;
-                if let Some(dw) = direct::kernel_grad(x, (c, b, h, w), g, o) {
-                    return Ok((CpuStorage::F32(dw), Shape::from((o, c, 3, 3))));
-                }
-                Arc::new(im2col(x, (c, b, h, w)))
-            }
+        let kept = match &self.kept {
+            Some(kept) => Arc::clone(kept),
+            None => Arc::new(convolve_input(
+                f32_slice(sx, lx, "conv3x3 backward")?,
+                (c, b, h, w),
+                o,
+            )),
+        };
+        let col = match &*kept {
+            Kept::Padded(xp) => match direct::kernel_grad(xp, g, o) {
+                Some(dw) => return Ok((CpuStorage::F32(dw), Shape::from((o, c, 3, 3)))),
+                None => candle::bail!("conv3x3 backward: the direct kernel no longer applies"),
+            },
+            Kept::Columns(col) => col,
         };
         let k = 9 * c;
         let parts = threads_for(o * n * k).min(n.max(1));
@@ -164,30 +178,47 @@ impl CustomOp2 for KernelGrad {
     }
 }
 
+/// The form of `x` `[C, B, H, W]` that a convolution to `o` channels multiplies:
+/// padded for the direct kernel where it applies, else im2col columns.
+fn convolve_input(x: &[f32], dims: (usize, usize, usize, usize), o: usize) -> Kept {
+    let (c, b, h, w) = dims;
+    if direct::applies(o) && c * b * h * w > 0 {
+        Kept::Padded(direct::Padded::new(x, dims))
+    } else {
+        Kept::Columns(im2col(x, dims))
+    }
+}
+
 /// The convolution of `x` `[C, B, H, W]` with `kernel` `[O, C, 3, 3]`: `[O, B·H·W]`,
-/// from the direct kernel where it applies, else from im2col + GEMM, and then also the
-/// im2col columns `[9C, B·H·W]` it multiplied.
+/// from the direct kernel where it applies, else from im2col + GEMM, and the form of the
+/// input it multiplied.
 fn convolve(
     x: &[f32],
     (c, b, h, w): (usize, usize, usize, usize),
     kernel: &[f32],
     o: usize,
-) -> candle::Result<(Vec<f32>, Option<Vec<f32>>)> {
-    if let Some(out) = direct::conv3x3(x, (c, b, h, w), kernel, o) {
-        return Ok((out, None));
-    }
+) -> candle::Result<(Vec<f32>, Kept)> {
     let n = b * h * w;
-    let col = im2col(x, (c, b, h, w));
-    let mut out = vec![0f32; o * n];
-    matmul(
-        &mut out,
-        (o, n, 9 * c),
-        View::rows(kernel, 9 * c),
-        View::rows(&col, n),
-        false,
-        threads_for(o * n * 9 * c),
-    )?;
-    Ok((out, Some(col)))
+    let kept = convolve_input(x, (c, b, h, w), o);
+    let out = match &kept {
+        Kept::Padded(xp) => match direct::conv3x3(xp, kernel, o) {
+            Some(out) => out,
+            None => candle::bail!("conv3x3: kernel {o}x{c}x3x3 does not fit the direct path"),
+        },
+        Kept::Columns(col) => {
+            let mut out = vec![0f32; o * n];
+            matmul(
+                &mut out,
+                (o, n, 9 * c),
+                View::rows(kernel, 9 * c),
+                View::rows(col, n),
+                false,
+                threads_for(o * n * 9 * c),
+            )?;
+            out
+        }
+    };
+    Ok((out, kept))
 }
 
 /// `grad` `[O, B, H, W]`, `weight` `[O, C, 3, 3]` → the input's gradient `[C, B, H, W]`:

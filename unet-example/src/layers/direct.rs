@@ -10,28 +10,76 @@
 //! does not apply (not x86-64, no AVX2 / FMA, output channels not a multiple of 4), and
 //! the caller then takes the im2col + GEMM path.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Output channels per task and per register tile.
 const OT: usize = 4;
 
-/// `x` `[C, B, H, W]` ⊛ `kernel` `[O, C, 3, 3]` → `[O, B, H, W]`, or `None` where the
-/// direct kernel does not apply.
-pub(crate) fn conv3x3(
-    x: &[f32],
-    (c, b, h, w): (usize, usize, usize, usize),
-    kernel: &[f32],
-    o: usize,
-) -> Option<Vec<f32>> {
-    if o % OT != 0 || x.len() != c * b * h * w || kernel.len() != o * c * 9 || !avx::available() {
+/// Whether the direct kernels apply to a convolution with `o` output channels here.
+pub(crate) fn applies(o: usize) -> bool {
+    o % OT == 0 && o > 0 && avx::available()
+}
+
+/// An input `[C, B, H, W]` zero-padded by one pixel on each side, `[C, B, H + 2, W + 2]`:
+/// made once by the forward pass and kept for the kernel's gradient.
+pub(crate) struct Padded {
+    data: Vec<f32>,
+    dims: (usize, usize, usize, usize),
+}
+
+impl Padded {
+    /// Pads `x` `[C, B, H, W]` (`dims`), writing every value once.
+    pub fn new(x: &[f32], (c, b, h, w): (usize, usize, usize, usize)) -> Self {
+        let (hp, wp) = (h + 2, w + 2);
+        let len = c * b * hp * wp;
+        let mut data: Vec<f32> = Vec::with_capacity(len);
+        if h * w > 0 {
+            data.spare_capacity_mut()[..len]
+                .par_chunks_mut(hp * wp)
+                .zip(x.par_chunks(h * w))
+                .for_each(|(dst, src)| {
+                    fill(&mut dst[..wp], 0.0);
+                    fill(&mut dst[(h + 1) * wp..], 0.0);
+                    for y in 0..h {
+                        let row = &mut dst[(y + 1) * wp..][..wp];
+                        row[0].write(0.0);
+                        row[wp - 1].write(0.0);
+                        for (d, &v) in row[1..=w].iter_mut().zip(&src[y * w..][..w]) {
+                            d.write(v);
+                        }
+                    }
+                });
+        } else {
+            fill(&mut data.spare_capacity_mut()[..len], 0.0);
+        }
+        // SAFETY: every plane's top and bottom rows, and each inner row's two edges and
+        // `w` values, were written above: all `len` values.
+        unsafe { data.set_len(len) };
+        Padded {
+            data,
+            dims: (c, b, h, w),
+        }
+    }
+}
+
+fn fill(dst: &mut [MaybeUninit<f32>], v: f32) {
+    dst.iter_mut().for_each(|d| {
+        d.write(v);
+    });
+}
+
+/// `x` `[C, B, H, W]` (padded) ⊛ `kernel` `[O, C, 3, 3]` → `[O, B, H, W]`, or `None`
+/// where the direct kernel does not apply.
+pub(crate) fn conv3x3(x: &Padded, kernel: &[f32], o: usize) -> Option<Vec<f32>> {
+    let (c, b, h, w) = x.dims;
+    if !applies(o) || kernel.len() != o * c * 9 || b * h * w == 0 || c == 0 {
         return None;
     }
     let n = b * h * w;
-    if n == 0 || c == 0 {
-        return None;
-    }
     let (hp, wp) = (h + 2, w + 2);
-    let xp = pad(x, (c, b, h, w));
+    let xp = &x.data;
     // Weights as [O / OT][C][9][OT].
     let mut packed = vec![0f32; o * c * 9];
     for oc in 0..o {
@@ -41,8 +89,8 @@ pub(crate) fn conv3x3(
             }
         }
     }
-    let mut out = vec![0f32; o * n];
-    let out_ptr = SharedOut(out.as_mut_ptr());
+    let mut out: Vec<f32> = Vec::with_capacity(o * n);
+    let out_ptr = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let plane = hp * wp;
     (0..(o / OT) * b).into_par_iter().for_each(|task| {
         let (tile, bi) = (task / b, task % b);
@@ -63,21 +111,10 @@ pub(crate) fn conv3x3(
             }
         }
     });
+    // SAFETY: the tasks wrote every row of every output channel (each row in full: 24-
+    // and 8-pixel tiles, then a masked tail).
+    unsafe { out.set_len(o * n) };
     Some(out)
-}
-
-/// `x` `[C, B, H, W]` zero-padded by one pixel on each side: `[C, B, H + 2, W + 2]`.
-fn pad(x: &[f32], (c, b, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
-    let (hp, wp) = (h + 2, w + 2);
-    let mut xp = vec![0f32; c * b * hp * wp];
-    xp.par_chunks_mut(hp * wp)
-        .zip(x.par_chunks(h * w))
-        .for_each(|(dst, src)| {
-            for y in 0..h {
-                dst[(y + 1) * wp + 1..][..w].copy_from_slice(&src[y * w..][..w]);
-            }
-        });
-    xp
 }
 
 /// The kernel's gradient of the convolution of `x` `[C, B, H, W]` whose output's
@@ -85,17 +122,13 @@ fn pad(x: &[f32], (c, b, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
 /// x[c, b, y + ky − 1, x + kx − 1]` `[O, C, 3, 3]`, or `None` where the direct kernel does
 /// not apply. One task per (4 output channels, input channel) pair; each sums over all
 /// pixels in 4 × 3 vector accumulators (channels × horizontal taps) per kernel row.
-pub(crate) fn kernel_grad(
-    x: &[f32],
-    (c, b, h, w): (usize, usize, usize, usize),
-    grad: &[f32],
-    o: usize,
-) -> Option<Vec<f32>> {
+pub(crate) fn kernel_grad(x: &Padded, grad: &[f32], o: usize) -> Option<Vec<f32>> {
+    let (c, b, h, w) = x.dims;
     let n = b * h * w;
-    if o % OT != 0 || x.len() != c * n || grad.len() != o * n || n == 0 || !avx::available() {
+    if !applies(o) || grad.len() != o * n || n == 0 {
         return None;
     }
-    let xp = pad(x, (c, b, h, w));
+    let xp = &x.data;
     let plane = (h + 2) * (w + 2);
     let sums: Vec<[f32; 9 * OT]> = (0..(o / OT) * c)
         .into_par_iter()
@@ -393,7 +426,7 @@ mod tests {
                 .collect();
             let k: Vec<f32> = (0..o * c * 9).map(|i| (i as f32 * 0.37).cos()).collect();
             let want = naive(&x, (c, b, h, w), &k, o);
-            let Some(got) = conv3x3(&x, (c, b, h, w), &k, o) else {
+            let Some(got) = conv3x3(&Padded::new(&x, (c, b, h, w)), &k, o) else {
                 assert!(!avx::available(), "the kernel should apply here");
                 return;
             };
@@ -415,7 +448,7 @@ mod tests {
             let g: Vec<f32> = (0..o * b * h * w)
                 .map(|i| (i as f32 * 0.29).cos())
                 .collect();
-            let Some(got) = kernel_grad(&x, (c, b, h, w), &g, o) else {
+            let Some(got) = kernel_grad(&Padded::new(&x, (c, b, h, w)), &g, o) else {
                 assert!(!avx::available(), "the kernel should apply here");
                 return;
             };
@@ -449,6 +482,7 @@ mod tests {
 
     #[test]
     fn output_channels_not_a_multiple_of_four_fall_back() {
-        assert!(conv3x3(&[0.0; 9], (1, 1, 3, 3), &[0.0; 27], 3).is_none());
+        assert!(!applies(3));
+        assert!(conv3x3(&Padded::new(&[0.0; 9], (1, 1, 3, 3)), &[0.0; 27], 3).is_none());
     }
 }
