@@ -13,6 +13,7 @@ use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::im2col::f32_slice;
+use super::sums::{lane_sum, lane_sums};
 
 /// The batch statistics of one forward pass, per channel: mean and biased variance.
 #[derive(Clone, Debug, Default)]
@@ -67,20 +68,6 @@ fn channels(x: &Layout, param: usize, param_len: usize) -> candle::Result<(usize
     Ok((c, n))
 }
 
-/// `Σ f(v)` over `x` in 8 independent f64 lanes (a plain sum is one dependency chain
-/// the compiler may not reorder), added together at the end.
-fn lane_sum(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let rest: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
-    for c in chunks {
-        for j in 0..8 {
-            acc[j] += f(c[j]);
-        }
-    }
-    acc.iter().sum::<f64>() + rest
-}
-
 /// Per-channel scale and shift so that `γ x̂ + β = x · s + t`.
 fn affine(mean: f32, invstd: f32, gamma: f32, beta: f32) -> (f32, f32) {
     let s = gamma * invstd;
@@ -112,11 +99,11 @@ impl CustomOp3 for BnRelu {
             .zip(x.par_chunks(n))
             .enumerate()
             .map(|(ch, (y, x))| {
-                let mean = lane_sum(x, |v| v as f64) / n as f64;
-                let var = lane_sum(x, |v| {
-                    let d = v as f64 - mean;
-                    d * d
-                }) / n as f64;
+                let mean = lane_sum(x, |v| v) / n as f64;
+                let m32 = mean as f32;
+                // Σ (x − m32)² − n (mean − m32)²: the variance about the f64 mean.
+                let dm = mean - m32 as f64;
+                let var = (lane_sum(x, |v| (v - m32) * (v - m32)) / n as f64 - dm * dm).max(0.0);
                 let invstd = (1.0 / (var + eps).sqrt()) as f32;
                 let (s, t) = affine(mean as f32, invstd, gamma[ch], beta[ch]);
                 y.iter_mut()
@@ -212,24 +199,12 @@ impl CustomOp2 for BnReluGrad {
             .map(|(ch, (dx, (x, g)))| {
                 let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
                 let (s, t) = affine(mean, invstd, self.gamma[ch], self.beta[ch]);
-                // ReLU-masked gradient sums in 8 independent lanes, so the loop vectorises.
-                let (mut db, mut dg) = ([0f64; 8], [0f64; 8]);
-                let (xc, gc) = (x.chunks_exact(8), g.chunks_exact(8));
-                let (xr, gr) = (xc.remainder(), gc.remainder());
-                for (x, g) in xc.zip(gc) {
-                    for j in 0..8 {
-                        let gy = if x[j] * s + t > 0.0 { g[j] } else { 0.0 };
-                        db[j] += gy as f64;
-                        dg[j] += (gy * (x[j] - mean)) as f64;
-                    }
-                }
-                for (&v, &dy) in xr.iter().zip(gr) {
+                // The ReLU-masked gradient's sum and its sum against x − μ.
+                let [dbeta, dg] = lane_sums(x, g, |v, dy| {
                     let gy = if v * s + t > 0.0 { dy } else { 0.0 };
-                    db[0] += gy as f64;
-                    dg[0] += (gy * (v - mean)) as f64;
-                }
-                let dbeta: f64 = db.iter().sum();
-                let dgamma = dg.iter().sum::<f64>() * invstd as f64;
+                    [gy, gy * (v - mean)]
+                });
+                let dgamma = dg * invstd as f64;
                 let (mb, mg) = ((dbeta / n as f64) as f32, (dgamma / n as f64) as f32);
                 for ((dx, &v), &dy) in dx.iter_mut().zip(x).zip(g) {
                     let gy = if v * s + t > 0.0 { dy } else { 0.0 };

@@ -20,8 +20,10 @@ mod bn_relu;
 mod conv_op;
 mod direct;
 mod gemm;
+mod head;
 mod im2col;
 mod pool;
+mod sums;
 
 /// Whether `x` takes the fused CPU kernels (f32 on the CPU) rather than composed
 /// candle ops (every other device and dtype).
@@ -71,6 +73,16 @@ pub fn conv_transpose2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle::
         .permute((0, 3, 4, 1, 5, 2))?
         .reshape((o, b, 2 * h, 2 * w))?
         .broadcast_add(&bias.reshape((o, 1, 1, 1))?)
+}
+
+/// The classification head: a 1×1 convolution with bias of `x` `[C, B, H, W]`
+/// (`weight` `[K, C, 1, 1]`, `bias` `[K]`) back in the usual layout, `[B, K, H, W]`
+/// contiguous. On the CPU (f32) one fused op, elsewhere [`conv1x1`] and a transpose.
+pub fn head1x1(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle::Result<Tensor> {
+    if fused(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        return head::head_cpu(x, weight, bias);
+    }
+    conv1x1(x, weight, bias)?.transpose(0, 1)?.contiguous()
 }
 
 /// A 1×1 convolution with bias: `x` `[C, B, H, W]`, `weight` `[O, C, 1, 1]`, `bias`
@@ -363,6 +375,29 @@ mod tests {
         let layer = candle_nn::Conv2d::new(k.clone(), Some(bias.clone()), Default::default());
         let ours = swap(&conv1x1(&swap(&x), &k, &bias).unwrap());
         close(&layer.forward(&x).unwrap(), &ours, 1e-4);
+    }
+
+    #[test]
+    fn head_matches_candle_forward_and_backward() {
+        let dev = Device::Cpu;
+        let x = var((2, 8, 3, 5), 0.0);
+        let k = var((15, 8, 1, 1), 0.0);
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 1., 15, &dev).unwrap()).unwrap();
+        let layer = candle_nn::Conv2d::new(
+            k.as_tensor().clone(),
+            Some(bias.as_tensor().clone()),
+            Default::default(),
+        );
+        let reference = layer.forward(x.as_tensor()).unwrap();
+        let ours = head1x1(&swap(x.as_tensor()), k.as_tensor(), bias.as_tensor()).unwrap();
+        close(&reference, &ours, 1e-5);
+        let weights = Tensor::randn(0f32, 1., reference.shape(), &dev).unwrap();
+        // The input of `head1x1` is `swap(x)`: its gradient reaches `x` through the swap.
+        let g1 = grads_of(&reference, &weights, &[&x, &k, &bias]);
+        let g2 = grads_of(&ours, &weights, &[&x, &k, &bias]);
+        for (a, b) in g1.iter().zip(&g2) {
+            close(a, b, 1e-4);
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use super::config::{Norm, UNetConfig};
 use super::init::{lock, SeededInit};
 use crate::atomic_file::write_atomically;
-use crate::layers::{conv1x1, conv3x3, conv_transpose2x2, max_pool2x2, BatchNorm, GroupNorm};
+use crate::layers::{conv3x3, conv_transpose2x2, head1x1, max_pool2x2, BatchNorm, GroupNorm};
 use crate::{Error, Result};
 
 enum NormLayer {
@@ -225,8 +225,7 @@ impl UNet {
             let x_up = conv_transpose2x2(&x, &upconv.weight, &upconv.bias)?;
             x = block.forward_t(&Tensor::cat(&[&skip, &x_up], 0)?, train)?;
         }
-        let logits = conv1x1(&x, &self.head.0, &self.head.1)?;
-        Ok(logits.transpose(0, 1)?.contiguous()?)
+        Ok(head1x1(&x, &self.head.0, &self.head.1)?)
     }
 
     /// Class predictions u32 `[B, H, W]` (argmax of the evaluation-mode logits) for
