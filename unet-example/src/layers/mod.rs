@@ -24,6 +24,7 @@ mod head;
 mod im2col;
 mod pool;
 mod sums;
+mod up;
 
 /// Whether `x` takes the fused CPU kernels (f32 on the CPU) rather than composed
 /// candle ops (every other device and dtype).
@@ -64,6 +65,9 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor) -> candle::Result<Tensor> {
 /// A 2×2 transposed convolution with stride 2 (doubles `H` and `W`): `x` `[C, B, H, W]`,
 /// `weight` `[C, O, 2, 2]` (candle's and PyTorch's layout), `bias` `[O]` → `[O, B, 2H, 2W]`.
 pub fn conv_transpose2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle::Result<Tensor> {
+    if fused(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        return up::conv_transpose2x2_cpu(x, weight, bias);
+    }
     let (c, b, h, w) = x.dims4()?;
     let o = weight.dim(1)?;
     // y[o, b, 2i + di, 2j + dj] = Σ_c weight[c, o, di, dj] · x[c, b, i, j]
@@ -351,19 +355,44 @@ mod tests {
     }
 
     #[test]
-    fn conv_transpose_matches_candle() {
+    fn conv_transpose_matches_candle_forward_and_backward() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (2, 4, 3, 5), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1., (4, 3, 2, 2), &dev).unwrap();
-        let bias = Tensor::randn(0f32, 1., 3, &dev).unwrap();
+        let x = var((2, 4, 3, 5), 0.0);
+        let k = var((4, 3, 2, 2), 0.0);
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 1., 3, &dev).unwrap()).unwrap();
         let cfg = candle_nn::ConvTranspose2dConfig {
             stride: 2,
             ..Default::default()
         };
-        let layer = candle_nn::ConvTranspose2d::new(k.clone(), Some(bias.clone()), cfg);
-        let reference = layer.forward(&x).unwrap();
-        let ours = swap(&conv_transpose2x2(&swap(&x), &k, &bias).unwrap());
+        let layer = candle_nn::ConvTranspose2d::new(
+            k.as_tensor().clone(),
+            Some(bias.as_tensor().clone()),
+            cfg,
+        );
+        let reference = layer.forward(x.as_tensor()).unwrap();
+        let ours = swap(
+            &conv_transpose2x2(&swap(x.as_tensor()), k.as_tensor(), bias.as_tensor()).unwrap(),
+        );
         close(&reference, &ours, 1e-4);
+        let weights = Tensor::randn(0f32, 1., reference.shape(), &dev).unwrap();
+        let g1 = grads_of(&reference, &weights, &[&x, &k, &bias]);
+        let g2 = grads_of(&ours, &weights, &[&x, &k, &bias]);
+        for (a, b) in g1.iter().zip(&g2) {
+            close(a, b, 1e-4);
+        }
+        // The composed path (f64) gives the same values.
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let composed = conv_transpose2x2(
+            &swap(&x64),
+            &k.to_dtype(DType::F64).unwrap(),
+            &bias.to_dtype(DType::F64).unwrap(),
+        )
+        .unwrap();
+        close(
+            &swap(&composed).to_dtype(DType::F32).unwrap(),
+            &reference,
+            1e-4,
+        );
     }
 
     #[test]
