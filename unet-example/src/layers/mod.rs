@@ -26,10 +26,21 @@ mod pool;
 mod sums;
 mod up;
 
+thread_local! {
+    static FORCE_COMPOSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes the layers on the current thread compose candle ops even on the CPU in f32,
+/// as they do on CUDA / Metal, so tests can check the fused ops against that path.
+#[doc(hidden)]
+pub fn force_composed(on: bool) {
+    FORCE_COMPOSED.with(|f| f.set(on));
+}
+
 /// Whether `x` takes the fused CPU kernels (f32 on the CPU) rather than composed
 /// candle ops (every other device and dtype).
 fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    x.device().is_cpu() && x.dtype() == DType::F32 && !FORCE_COMPOSED.with(|f| f.get())
 }
 
 /// `[C, B, H, W]` → `[9C, B·H·W]`: the 3×3 neighbourhoods (zero padding 1) of every
@@ -103,13 +114,25 @@ pub fn conv1x1(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle::Result<Ten
 
 /// 2×2 max pooling, stride 2, of `[C, B, H, W]` (even `H`, `W`).
 ///
-/// On the CPU (f32) each window's gradient goes to its first maximum, as in PyTorch;
-/// elsewhere candle's `max_pool2d` and its backward run.
+/// On the CPU (f32) one op whose backward sends each window's gradient to its first
+/// maximum, as PyTorch does. Elsewhere a max over each window's 4 values laid out last
+/// (reshape, permute, `max_keepdim`): its gradient goes to every tied maximum, which
+/// differs only at ties (after a ReLU, mostly windows of zeros, whose gradient the ReLU
+/// stops anyway). candle's own `max_pool2d` is not used: its backward scales a window's
+/// gradient by (tied maxima) / 4, a quarter for a unique maximum.
 pub fn max_pool2x2(x: &Tensor) -> candle::Result<Tensor> {
     if fused(x) {
         return pool::max_pool2x2_cpu(x);
     }
-    x.max_pool2d(2)
+    let (c, b, h, w) = x.dims4()?;
+    if h % 2 != 0 || w % 2 != 0 {
+        candle::bail!("max_pool2x2: H and W must be even, got {h}x{w}")
+    }
+    x.reshape((c * b, h / 2, 2, w / 2, 2))?
+        .permute((0, 1, 3, 2, 4))?
+        .reshape((c * b, h / 2, w / 2, 4))?
+        .max_keepdim(3)?
+        .reshape((c, b, h / 2, w / 2))
 }
 
 /// Batch normalisation over `(B, H, W)` of a `[C, B, H, W]` tensor, with PyTorch's
@@ -345,6 +368,20 @@ mod tests {
             want[best] = wv;
         }
         assert_eq!(dx.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    }
+
+    #[test]
+    fn composed_max_pool_matches_the_fused_op() {
+        let x = var((3, 2, 6, 4), 0.0);
+        let y = max_pool2x2(x.as_tensor()).unwrap();
+        let weights = Tensor::randn(0f32, 1., y.shape(), &Device::Cpu).unwrap();
+        let g1 = grads_of(&y, &weights, &[&x]);
+        force_composed(true);
+        let yc = max_pool2x2(x.as_tensor()).unwrap();
+        let g2 = grads_of(&yc, &weights, &[&x]);
+        force_composed(false);
+        close(&y, &yc, 1e-7);
+        close(&g1[0], &g2[0], 1e-7);
     }
 
     #[test]

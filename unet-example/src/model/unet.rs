@@ -364,6 +364,71 @@ mod tests {
         }
     }
 
+    /// Loss, logits, every trainable gradient and the running statistics of one
+    /// training step of a fresh `small()` net (seed 0) on a fixed batch.
+    fn one_step() -> (f32, Tensor, Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+        let dev = Device::Cpu;
+        let net = UNet::new(&small(), 0, &dev).unwrap();
+        let x: Vec<f32> = (0..2 * 3 * 16 * 24).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x = Tensor::from_vec(x, (2, 3, 16, 24), &dev).unwrap();
+        let labels: Vec<u32> = (0..2 * 16 * 24).map(|i| (i * 7 % 11 % 5) as u32).collect();
+        let labels = Tensor::from_vec(labels, (2, 16, 24), &dev).unwrap();
+        let logits = net.forward_t(&x, true).unwrap();
+        let cfg = lovasz_candle::CrossEntropyConfig::default();
+        let loss = lovasz_candle::cross_entropy(&logits, &labels, &cfg).unwrap();
+        let grads = loss.backward().unwrap();
+        let g = net
+            .trainable_vars()
+            .into_iter()
+            .map(|(name, v)| (name, grads.get(&v).unwrap().clone()))
+            .collect();
+        let stats = net
+            .named_vars()
+            .into_iter()
+            .filter(|(name, _)| is_running_stat(name))
+            .map(|(name, v)| (name, v.as_tensor().clone()))
+            .collect();
+        (loss.to_scalar().unwrap(), logits, g, stats)
+    }
+
+    #[test]
+    fn fused_cpu_layers_train_like_the_composed_ones() {
+        // The whole network on the CPU's fused ops against the candle ops that CUDA /
+        // Metal run: same loss, logits, gradients of every parameter, running stats.
+        let fused = one_step();
+        crate::layers::force_composed(true);
+        let composed = one_step();
+        crate::layers::force_composed(false);
+        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f32>().unwrap() / scale.max(1e-6)
+        };
+        assert!(
+            (fused.0 - composed.0).abs() < 1e-5,
+            "loss {} vs {}",
+            fused.0,
+            composed.0
+        );
+        assert!(max_diff(&fused.1, &composed.1) < 1e-4, "logits");
+        assert_eq!(fused.2.len(), composed.2.len());
+        for ((name, a), (_, b)) in fused
+            .2
+            .iter()
+            .zip(&composed.2)
+            .chain(fused.3.iter().zip(&composed.3))
+        {
+            let d = max_diff(a, b);
+            assert!(d < 1e-3, "{name}: relative difference {d}");
+        }
+    }
+
     #[test]
     fn logits_have_input_resolution() {
         let net = UNet::new(&small(), 0, &Device::Cpu).unwrap();
