@@ -364,12 +364,16 @@ mod tests {
         }
     }
 
+    type Named = Vec<(String, Tensor)>;
+
     /// Loss, logits, every trainable gradient and the running statistics of one
     /// training step of a fresh `small()` net (seed 0) on a fixed batch.
-    fn one_step() -> (f32, Tensor, Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+    fn one_step() -> (f32, Tensor, Named, Named) {
         let dev = Device::Cpu;
         let net = UNet::new(&small(), 0, &dev).unwrap();
-        let x: Vec<f32> = (0..2 * 3 * 16 * 24).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x: Vec<f32> = (0..2 * 3 * 16 * 24)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
         let x = Tensor::from_vec(x, (2, 3, 16, 24), &dev).unwrap();
         let labels: Vec<u32> = (0..2 * 16 * 24).map(|i| (i * 7 % 11 % 5) as u32).collect();
         let labels = Tensor::from_vec(labels, (2, 16, 24), &dev).unwrap();
