@@ -55,7 +55,7 @@ pub struct TrainingArgs {
     pub epochs: usize,
     /// Epochs of the fine-tuning phase: the last N epochs of ce-then-finetune (and of
     /// compare's variant b) optimise CE + λ·Lovász; the first epochs - N optimise CE.
-    /// Default: a third of --epochs (20 of the default 60).
+    /// Default: half of --epochs (90 of the default 180).
     #[arg(long)]
     pub finetune_epochs: Option<usize>,
     /// Peak learning rate, decayed to 0 by a cosine over all epochs (per step).
@@ -120,7 +120,7 @@ impl TrainingArgs {
             num_classes: self.num_classes,
             schedule,
             epochs: self.epochs,
-            finetune_epochs: self.finetune_epochs.unwrap_or(self.epochs / 3),
+            finetune_epochs: self.finetune_epochs.unwrap_or(self.epochs / 2),
             lr: self.lr,
             finetune_lr: self.finetune_lr,
             lovasz_weight: self.lovasz_weight,
@@ -338,7 +338,7 @@ mod tests {
             args.training.config(args.schedule)
         };
         let quick = config(&["unet-example", "train", "--epochs", "5"]);
-        assert_eq!((quick.epochs, quick.finetune_epochs), (5, 1));
+        assert_eq!((quick.epochs, quick.finetune_epochs), (5, 2));
         quick.validate().unwrap();
         let given = config(&[
             "unet-example",

@@ -139,15 +139,15 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     /// The default run on the brain slices: the pilot's network and optimiser (widths
     /// 8/16/32/64, batch norm, AdamW 4e-3 with cosine decay, batch 4, flip and
-    /// scale/shift augmentation), equibatch sampling, CE then CE + Lovász for the last
-    /// third of the epochs.
+    /// scale/shift augmentation), equibatch sampling, 180 epochs: CE, then CE + Lovász for
+    /// the last half.
     fn default() -> Self {
         TrainConfig {
             dataset: "brain".to_string(),
             num_classes: None,
             schedule: Schedule::CeThenFinetune,
-            epochs: 60,
-            finetune_epochs: 20,
+            epochs: 180,
+            finetune_epochs: 90,
             lr: 4e-3,
             finetune_lr: None,
             lovasz_weight: 1.0,
@@ -312,7 +312,7 @@ mod tests {
                 ..ok.clone()
             },
             TrainConfig {
-                finetune_epochs: 61,
+                finetune_epochs: ok.epochs + 1,
                 ..ok.clone()
             },
             TrainConfig {
