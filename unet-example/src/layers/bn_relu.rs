@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::im2col::f32_slice;
+use super::im2col::{f32_slice, split_flat};
 use super::sums::{lane_sum, lane_sums};
 
 /// The batch statistics of one forward pass, per channel: mean and biased variance.
@@ -135,7 +135,6 @@ impl CustomOp3 for BnRelu {
             .map_err(|_| candle::Error::msg("bn_relu: poisoned lock"))?
             .clone();
         let c = stats.mean.len();
-        let n = x.elem_count() / c.max(1);
         let params = BnReluGrad {
             mean: stats.mean,
             invstd: stats
@@ -147,13 +146,11 @@ impl CustomOp3 for BnRelu {
             beta: beta.to_vec1()?,
         };
         let all = x.apply_op2_no_bwd(&grad.contiguous()?, &params)?;
-        let grad_x = if x.track_op() {
-            Some(all.narrow(0, 0, c * n)?.reshape(x.shape())?)
-        } else {
-            None
-        };
-        let grad_gamma = all.narrow(0, c * n, c)?;
-        let grad_beta = all.narrow(0, c * n + c, c)?;
+        let [grad_x, grad_gamma, grad_beta]: [Tensor; 3] =
+            split_flat(&all, &[x.dims(), &[c], &[c]])?
+                .try_into()
+                .map_err(|_| candle::Error::msg("bn_relu backward: three gradients"))?;
+        let grad_x = x.track_op().then_some(grad_x);
         Ok((grad_x, Some(grad_gamma), Some(grad_beta)))
     }
 }

@@ -95,7 +95,7 @@ pub(crate) fn conv3x3(x: &Padded, kernel: &[f32], o: usize) -> Option<Vec<f32>> 
     (0..(o / OT) * b).into_par_iter().for_each(|task| {
         let (tile, bi) = (task / b, task % b);
         let weights = &packed[tile * c * 9 * OT..][..c * 9 * OT];
-        let geometry = avx::Geometry {
+        let geometry = Geometry {
             channel_stride: b * plane,
             row_stride: wp,
             out_stride: n,
@@ -151,6 +151,19 @@ pub(crate) fn kernel_grad(x: &Padded, grad: &[f32], o: usize) -> Option<Vec<f32>
     Some(dw)
 }
 
+/// Strides of the padded input and the output, and the input channel count.
+#[derive(Clone, Copy)]
+pub(crate) struct Geometry {
+    /// Between input channels in the padded buffer.
+    pub channel_stride: usize,
+    /// Between rows of the padded buffer (`W + 2`).
+    pub row_stride: usize,
+    /// Between output channels (`B·H·W`).
+    pub out_stride: usize,
+    /// Input channels summed over.
+    pub channels: usize,
+}
+
 /// The output buffer, written by tasks at disjoint positions.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -176,18 +189,7 @@ mod avx {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
 
-    /// Strides of the padded input and the output, and the input channel count.
-    #[derive(Clone, Copy)]
-    pub struct Geometry {
-        /// Between input channels in the padded buffer.
-        pub channel_stride: usize,
-        /// Between rows of the padded buffer (`W + 2`).
-        pub row_stride: usize,
-        /// Between output channels (`B·H·W`).
-        pub out_stride: usize,
-        /// Input channels summed over.
-        pub channels: usize,
-    }
+    use super::Geometry;
 
     /// One output row of OT channels: `out` at `(channel 0 of the tile, b, y, 0)`,
     /// `x_row` the padded input from `(channel 0, b, y, 0)` in padded coordinates (the
@@ -359,13 +361,7 @@ mod avx {
         false
     }
 
-    #[derive(Clone, Copy)]
-    pub struct Geometry {
-        pub channel_stride: usize,
-        pub row_stride: usize,
-        pub out_stride: usize,
-        pub channels: usize,
-    }
+    use super::Geometry;
 
     pub unsafe fn row(_: *mut f32, _: &[f32], _: &[f32], _: Geometry, _: usize) {
         unreachable!("the direct convolution is only dispatched where available() holds")

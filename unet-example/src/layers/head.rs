@@ -7,7 +7,7 @@
 use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::im2col::f32_slice;
+use super::im2col::{f32_slice, split_flat};
 use super::sums::{lane_dot, lane_sum};
 
 /// `x` `[C, B, H, W]`, `weight` `[K, C, 1, 1]`, `bias` `[K]` (f32, CPU) → `[B, K, H, W]`.
@@ -77,8 +77,9 @@ impl CustomOp3 for Head {
         let k = weight.dim(0)?;
         let grad = grad.contiguous()?;
         let params = grad.apply_op2_no_bwd(x, &HeadParamGrad)?;
-        let grad_w = params.narrow(0, 0, k * c)?.reshape((k, c, 1, 1))?;
-        let grad_b = params.narrow(0, k * c, k)?;
+        let [grad_w, grad_b]: [Tensor; 2] = split_flat(&params, &[&[k, c, 1, 1], &[k]])?
+            .try_into()
+            .map_err(|_| candle::Error::msg("head backward: two gradients"))?;
         let grad_x = if x.track_op() {
             Some(grad.apply_op2_no_bwd(weight, &HeadInputGrad { c, b, h, w })?)
         } else {

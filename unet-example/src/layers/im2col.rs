@@ -4,7 +4,7 @@
 use std::mem::MaybeUninit;
 
 use candle::backend::BackendStorage;
-use candle::{CpuStorage, Layout};
+use candle::{CpuStorage, Layout, Tensor};
 use rayon::prelude::*;
 
 /// The contiguous f32 values behind a CPU storage, or an error naming `op`.
@@ -17,6 +17,19 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle::
         Some((start, end)) => Ok(&data[start..end]),
         None => candle::bail!("{op}: input must be contiguous"),
     }
+}
+
+/// Cuts a flat tensor (a backward op's gradients laid end to end) into consecutive
+/// pieces of the given shapes.
+pub(crate) fn split_flat(all: &Tensor, shapes: &[&[usize]]) -> candle::Result<Vec<Tensor>> {
+    let mut start = 0;
+    let mut parts = Vec::with_capacity(shapes.len());
+    for &dims in shapes {
+        let len: usize = dims.iter().product();
+        parts.push(all.narrow(0, start, len)?.reshape(dims)?);
+        start += len;
+    }
+    Ok(parts)
 }
 
 /// `x` `[C, B, H, W]` → `[9C, B·H·W]`: the 3×3 neighbourhoods (zero padding 1) of every

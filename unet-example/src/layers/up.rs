@@ -7,7 +7,7 @@
 use candle::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::im2col::f32_slice;
+use super::im2col::{f32_slice, split_flat};
 use super::sums::{lane_dot, lane_sum};
 
 /// `x` `[C, B, H, W]`, `weight` `[C, O, 2, 2]`, `bias` `[O]` (f32, CPU) →
@@ -103,14 +103,11 @@ impl CustomOp3 for UpConv {
         let all = grad
             .contiguous()?
             .apply_op3_no_bwd(x, weight, &UpConvGrad)?;
-        let nx = c * b * h * w;
-        let grad_x = if x.track_op() {
-            Some(all.narrow(0, 0, nx)?.reshape((c, b, h, w))?)
-        } else {
-            None
-        };
-        let grad_w = all.narrow(0, nx, c * o * 4)?.reshape((c, o, 2, 2))?;
-        let grad_b = all.narrow(0, nx + c * o * 4, o)?;
+        let [grad_x, grad_w, grad_b]: [Tensor; 3] =
+            split_flat(&all, &[&[c, b, h, w], &[c, o, 2, 2], &[o]])?
+                .try_into()
+                .map_err(|_| candle::Error::msg("conv_transpose2x2 backward: three gradients"))?;
+        let grad_x = x.track_op().then_some(grad_x);
         Ok((grad_x, Some(grad_w), Some(grad_b)))
     }
 }
