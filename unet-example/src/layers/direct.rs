@@ -10,9 +10,9 @@
 //! does not apply (not x86-64, no AVX2 / FMA, output channels not a multiple of 4), and
 //! the caller then takes the im2col + GEMM path.
 
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
+
+use super::im2col::{copy, fill};
 
 /// Output channels per task and per register tile.
 const OT: usize = 4;
@@ -46,9 +46,7 @@ impl Padded {
                         let row = &mut dst[(y + 1) * wp..][..wp];
                         row[0].write(0.0);
                         row[wp - 1].write(0.0);
-                        for (d, &v) in row[1..=w].iter_mut().zip(&src[y * w..][..w]) {
-                            d.write(v);
-                        }
+                        copy(&mut row[1..=w], &src[y * w..][..w]);
                     }
                 });
         } else {
@@ -62,12 +60,6 @@ impl Padded {
             dims: (c, b, h, w),
         }
     }
-}
-
-fn fill(dst: &mut [MaybeUninit<f32>], v: f32) {
-    dst.iter_mut().for_each(|d| {
-        d.write(v);
-    });
 }
 
 /// `x` `[C, B, H, W]` (padded) ⊛ `kernel` `[O, C, 3, 3]` → `[O, B, H, W]`, or `None`
@@ -182,14 +174,31 @@ impl SharedOut {
 mod avx {
     use std::arch::x86_64::*;
 
-    pub use super::avx_grad::tap_sums;
-    use super::OT;
+    use super::{Geometry, OT};
 
     pub fn available() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
 
-    use super::Geometry;
+    /// A lane mask selecting the first `lanes` of 8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lane_mask(lanes: usize) -> __m256i {
+        let lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), lane_ids)
+    }
+
+    /// 8 values from `p`, or with `MASKED` the lanes `mask` selects (the rest 0, their
+    /// memory not read).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load<const MASKED: bool>(p: *const f32, mask: __m256i) -> __m256 {
+        if MASKED {
+            _mm256_maskload_ps(p, mask)
+        } else {
+            _mm256_loadu_ps(p)
+        }
+    }
 
     /// One output row of OT channels: `out` at `(channel 0 of the tile, b, y, 0)`,
     /// `x_row` the padded input from `(channel 0, b, y, 0)` in padded coordinates (the
@@ -226,8 +235,7 @@ mod avx {
         g: Geometry,
         lanes: usize,
     ) {
-        let lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), lane_ids);
+        let mask = lane_mask(lanes);
         let mut acc = [[_mm256_setzero_ps(); XV]; OT];
         for ci in 0..g.channels {
             let xc = x.add(ci * g.channel_stride);
@@ -237,12 +245,7 @@ mod avx {
                 for kx in 0..3 {
                     let mut xv = [_mm256_setzero_ps(); XV];
                     for (v, xv) in xv.iter_mut().enumerate() {
-                        let p = xr.add(kx + 8 * v);
-                        *xv = if MASKED {
-                            _mm256_maskload_ps(p, mask)
-                        } else {
-                            _mm256_loadu_ps(p)
-                        };
+                        *xv = load::<MASKED>(xr.add(kx + 8 * v), mask);
                     }
                     let wk = wc.add((ky * 3 + kx) * OT);
                     for (t, acc) in acc.iter_mut().enumerate() {
@@ -265,13 +268,6 @@ mod avx {
             }
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx_grad {
-    use std::arch::x86_64::*;
-
-    use super::OT;
 
     /// `Σ_{b,y,x} g[t, b, y, x] · xp[b, y + ky, x + kx]` for the OT channels `t` of `g`
     /// (`[OT, B, H, W]`) and one input channel's padded planes `xp` (`[B, H + 2, W + 2]`),
@@ -290,8 +286,7 @@ mod avx_grad {
         assert!(g.len() >= OT * n && xp.len() >= b * plane);
         let (gp, xpp) = (g.as_ptr(), xp.as_ptr());
         let full = w / 8 * 8;
-        let lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((w - full) as i32), lane_ids);
+        let mask = lane_mask(w - full);
         let mut out = [0f32; 9 * OT];
         for ky in 0..3 {
             let mut acc = [[_mm256_setzero_ps(); 3]; OT];
@@ -329,16 +324,9 @@ mod avx_grad {
         x: *const f32,
         mask: __m256i,
     ) {
-        let load = |p: *const f32| {
-            if MASKED {
-                _mm256_maskload_ps(p, mask)
-            } else {
-                _mm256_loadu_ps(p)
-            }
-        };
-        let xv = [load(x), load(x.add(1)), load(x.add(2))];
+        let xv = [0, 1, 2].map(|kx| load::<MASKED>(x.add(kx), mask));
         for (t, acc) in acc.iter_mut().enumerate() {
-            let gv = load(g.add(t * g_stride));
+            let gv = load::<MASKED>(g.add(t * g_stride), mask);
             for kx in 0..3 {
                 acc[kx] = _mm256_fmadd_ps(gv, xv[kx], acc[kx]);
             }

@@ -79,13 +79,15 @@ pub(crate) fn im2col(x: &[f32], (c, b, h, w): (usize, usize, usize, usize)) -> V
     col
 }
 
-fn copy(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+/// Writes `src` into the (uninitialised) start of `dst`.
+pub(crate) fn copy(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| {
         d.write(s);
     });
 }
 
-fn fill(dst: &mut [MaybeUninit<f32>], v: f32) {
+/// Writes `v` into every value of the (uninitialised) `dst`.
+pub(crate) fn fill(dst: &mut [MaybeUninit<f32>], v: f32) {
     dst.iter_mut().for_each(|d| {
         d.write(v);
     });
