@@ -15,11 +15,14 @@ use rayon::prelude::*;
 use super::im2col::{f32_slice, split_flat};
 use super::sums::{lane_sum, lane_sums};
 
-/// The batch statistics of one forward pass, per channel: mean and biased variance.
+/// The batch statistics of one forward pass, per channel: mean, biased variance (for
+/// the running averages) and `1 / √(σ² + ε)` as the forward pass used it (for the
+/// backward pass, which must mask exactly where the forward ReLU did).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct BatchStats {
     pub mean: Vec<f32>,
     pub var: Vec<f32>,
+    pub invstd: Vec<f32>,
 }
 
 /// `relu(batch_norm(x))` of `x` `[C, …]` f32 with scale `gamma` `[C]` and shift `beta`
@@ -94,7 +97,7 @@ impl CustomOp3 for BnRelu {
         let (c, n) = channels(lx, gamma.len(), beta.len())?;
         let mut y = vec![0f32; c * n];
         let eps = self.eps;
-        let moments: Vec<(f32, f32)> = y
+        let moments: Vec<(f32, f32, f32)> = y
             .par_chunks_mut(n)
             .zip(x.par_chunks(n))
             .enumerate()
@@ -109,7 +112,7 @@ impl CustomOp3 for BnRelu {
                 y.iter_mut()
                     .zip(x)
                     .for_each(|(y, &v)| *y = (v * s + t).max(0.0));
-                (mean as f32, var as f32)
+                (mean as f32, var as f32, invstd)
             })
             .collect();
         let mut stats = self
@@ -118,6 +121,7 @@ impl CustomOp3 for BnRelu {
             .map_err(|_| candle::Error::msg("bn_relu: poisoned lock"))?;
         stats.mean = moments.iter().map(|m| m.0).collect();
         stats.var = moments.iter().map(|m| m.1).collect();
+        stats.invstd = moments.iter().map(|m| m.2).collect();
         Ok((CpuStorage::F32(y), lx.shape().clone()))
     }
 
@@ -137,11 +141,7 @@ impl CustomOp3 for BnRelu {
         let c = stats.mean.len();
         let params = BnReluGrad {
             mean: stats.mean,
-            invstd: stats
-                .var
-                .iter()
-                .map(|&v| (1.0 / (v as f64 + self.eps).sqrt()) as f32)
-                .collect(),
+            invstd: stats.invstd,
             gamma: gamma.to_vec1()?,
             beta: beta.to_vec1()?,
         };
