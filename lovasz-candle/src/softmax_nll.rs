@@ -264,7 +264,7 @@ fn backward<T: Real>(
         .zip(g.par_chunks(s_n).zip(labels.par_chunks(s_n)))
         .for_each(|((dz, p), (g, labels))| match order {
             ChannelOrder::First => {
-                for ((dz, p), _) in dz.chunks_mut(s_n).zip(p.chunks(s_n)).zip(0..c_n) {
+                for (dz, p) in dz.chunks_mut(s_n).zip(p.chunks(s_n)) {
                     for (((d, &pv), &gv), &y) in dz.iter_mut().zip(p).zip(g).zip(labels) {
                         if y != VOID {
                             *d = gv * pv;

@@ -1,9 +1,9 @@
-//! The 3×3 convolution as one CPU op (f32, `[C, B, H, W]`): im2col and one product
-//! forward, and a backward that computes the kernel's gradient from the cached columns
+//! The 3×3 convolution as one CPU op (f32, `[C, B, H, W]`), so the autograd graph holds
+//! one node per convolution. Forward: the direct kernel (`direct`) on a zero-padded copy
+//! of the input where it applies, else im2col and one GEMM. Backward: the kernel's
+//! gradient from what the forward pass kept (the padded input, or the im2col columns),
 //! and the input's gradient as the convolution of the output's gradient with the
-//! flipped, transposed kernel (`9·O`-deep products instead of `O`-deep ones and a
-//! col2im), so the autograd graph holds one node per convolution instead of im2col +
-//! matmul with their `[9C, B·H·W]` gradients.
+//! flipped, transposed kernel, through the same two paths.
 
 use std::sync::{Arc, Mutex};
 

@@ -116,7 +116,7 @@ impl CustomOp2 for HeadParamGrad {
         let p = h * w;
         let g = f32_slice(sg, lg, "head backward")?;
         let x = f32_slice(sx, lx, "head backward")?;
-        // Per class: Σ_{b,p} g·x for each channel and Σ g, in f64 lanes.
+        // Per class: Σ_{b,p} g·x for each channel and Σ g (lane sums, f64 totals).
         let rows: Vec<Vec<f64>> = (0..k)
             .into_par_iter()
             .map(|ki| {

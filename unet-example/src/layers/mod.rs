@@ -37,10 +37,13 @@ pub fn force_composed(on: bool) {
     FORCE_COMPOSED.with(|f| f.set(on));
 }
 
-/// Whether `x` takes the fused CPU kernels (f32 on the CPU) rather than composed
-/// candle ops (every other device and dtype).
-fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && !FORCE_COMPOSED.with(|f| f.get())
+/// Whether a layer of these operands takes the fused CPU kernels (all f32 on the CPU)
+/// rather than composed candle ops (every other device and dtype).
+fn fused(operands: &[&Tensor]) -> bool {
+    !FORCE_COMPOSED.with(|f| f.get())
+        && operands
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// `[C, B, H, W]` → `[9C, B·H·W]`: the 3×3 neighbourhoods (zero padding 1) of every
@@ -61,7 +64,7 @@ pub fn im2col3x3(x: &Tensor) -> candle::Result<Tensor> {
 /// A 3×3 convolution, stride 1, zero padding 1, no bias: `x` `[C, B, H, W]`, `weight`
 /// `[O, C, 3, 3]` → `[O, B, H, W]`.
 pub fn conv3x3(x: &Tensor, weight: &Tensor) -> candle::Result<Tensor> {
-    if fused(x) && weight.dtype() == DType::F32 {
+    if fused(&[x, weight]) {
         return conv_op::conv3x3_cpu(x, weight);
     }
     let (_, b, h, w) = x.dims4()?;
@@ -76,7 +79,7 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor) -> candle::Result<Tensor> {
 /// A 2×2 transposed convolution with stride 2 (doubles `H` and `W`): `x` `[C, B, H, W]`,
 /// `weight` `[C, O, 2, 2]` (candle's and PyTorch's layout), `bias` `[O]` → `[O, B, 2H, 2W]`.
 pub fn conv_transpose2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle::Result<Tensor> {
-    if fused(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+    if fused(&[x, weight, bias]) {
         return up::conv_transpose2x2_cpu(x, weight, bias);
     }
     let (c, b, h, w) = x.dims4()?;
@@ -94,7 +97,7 @@ pub fn conv_transpose2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle::
 /// (`weight` `[K, C, 1, 1]`, `bias` `[K]`) back in the usual layout, `[B, K, H, W]`
 /// contiguous. On the CPU (f32) one fused op, elsewhere [`conv1x1`] and a transpose.
 pub fn head1x1(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle::Result<Tensor> {
-    if fused(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+    if fused(&[x, weight, bias]) {
         return head::head_cpu(x, weight, bias);
     }
     conv1x1(x, weight, bias)?.transpose(0, 1)?.contiguous()
@@ -121,7 +124,7 @@ pub fn conv1x1(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle::Result<Ten
 /// stops anyway). candle's own `max_pool2d` is not used: its backward scales a window's
 /// gradient by (tied maxima) / 4, a quarter for a unique maximum.
 pub fn max_pool2x2(x: &Tensor) -> candle::Result<Tensor> {
-    if fused(x) {
+    if fused(&[x]) {
         return pool::max_pool2x2_cpu(x);
     }
     let (c, b, h, w) = x.dims4()?;
@@ -184,7 +187,7 @@ impl BatchNorm {
     /// `relu(self.forward_t(x, train))`; in training mode on the CPU (f32) one fused op
     /// (see `bn_relu`), with the same values, gradients and running statistics.
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> candle::Result<Tensor> {
-        if !(train && fused(x)) {
+        if !(train && fused(&[x, &self.weight, &self.bias])) {
             return self.forward_t(x, train)?.relu();
         }
         let (c, b, h, w) = x.dims4()?;
