@@ -8,6 +8,8 @@
 #   PYTHON            a Python with torch and numpy (default: python3)
 #   LOVASZ_REFERENCE  the authors' lovasz_losses.py (github.com/bermanmaxim/LovaszSoftmax,
 #                     pytorch/lovasz_losses.py); default: ../shared/reference/lovasz_losses.py
+#   BASE_WIDTH        channels of the U-Net's first level on both sides (default 12, the
+#                     default model; 8 is the pilot's)
 #
 # Each round runs, one after the other: ours CE, PyTorch CE, ours CE + Lovász, PyTorch
 # CE + Lovász (STEPS timed steps each, after one warm-up step), so machine drift hits
@@ -33,12 +35,14 @@ batch=$(mktemp)
 trap 'rm -f "$batch"' EXIT
 "$bin" --write-batch "$batch" >/dev/null
 threads=$(nproc)
+width=${BASE_WIDTH:-12}
 
 ms() { grep -o '[0-9.]* ms/step' | head -1 | cut -d' ' -f1; }
-ours() { "$bin" "$steps" --mode "$1" | ms; }
+ours() { "$bin" "$steps" --mode "$1" --base-width "$width" | ms; }
 torch() {
   "$python" "$root/unet-example/benches/unet_twin.py" --batch "$batch" \
-    --reference "$reference" --steps "$steps" --mode "$1" --threads "$threads" | ms
+    --reference "$reference" --steps "$steps" --mode "$1" --threads "$threads" \
+    --base-width "$width" | ms
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { print a / b }'; }
 declare -a r_ce r_lov
@@ -55,5 +59,5 @@ for ((i = 1; i <= rounds; i++)); do
     "$i" "$ours_ce" "$torch_ce" "$rc" "$ours_lov" "$torch_lov" "$rl"
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-printf 'median ratio ours/torch over %d rounds (%d threads): CE %.2f, CE+Lovasz %.2f\n' \
-  "$rounds" "$threads" "$(median "${r_ce[@]}")" "$(median "${r_lov[@]}")"
+printf 'median ratio ours/torch over %d rounds (%d threads, base width %d): CE %.2f, CE+Lovasz %.2f\n' \
+  "$rounds" "$threads" "$width" "$(median "${r_ce[@]}")" "$(median "${r_lov[@]}")"

@@ -1,13 +1,14 @@
 """The default U-Net of unet-example, rebuilt in PyTorch, timed per training step.
 
-Same network (widths 8/16/32/64, two 3x3 conv-BN-ReLU per level without conv bias,
+Same network (widths 12/24/48/96, two 3x3 conv-BN-ReLU per level without conv bias,
 2x2 stride-2 transposed convolutions with bias, a 1x1 head with bias, 15 classes,
-121,159 parameters), same batch (4 x 1 x 112 x 96, read from the file the Rust
+271,875 parameters; `--base-width 8` gives the pilot's 121,159), same batch (4 x 1 x 112 x 96, read from the file the Rust
 `step_time` example writes with `--write-batch`), same step: forward in training mode,
 cross-entropy (ignore 255), optionally + the authors' Lovasz-Softmax on the softmax of
 the logits (classes 'present', void 255), backward, AdamW (PyTorch's defaults, lr 1e-3).
 
     python unet_twin.py --batch BATCH --reference lovasz_losses.py [--steps 20] [--mode ce|lovasz|both]
+        [--base-width 12]
 
 Prints one line per mode: `torch <mode>: <ms> ms/step (<steps> steps)`.
 `run_step_ratio.sh` runs it side by side with the Rust example.
@@ -34,7 +35,7 @@ def block(cin, cout):
 
 
 class UNet(nn.Module):
-    def __init__(self, cin=1, classes=15, base=8, depth=4):
+    def __init__(self, cin=1, classes=15, base=12, depth=4):
         super().__init__()
         widths = [base << i for i in range(depth)]
         self.down = nn.ModuleList(
@@ -81,6 +82,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--mode", choices=["ce", "lovasz", "both"], default="both")
     ap.add_argument("--threads", type=int, default=0, help="0: PyTorch's default")
+    ap.add_argument("--base-width", type=int, default=12, help="channels of the first level")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,7 +94,7 @@ def main():
     torch.manual_seed(0)
     modes = ["ce", "lovasz"] if args.mode == "both" else [args.mode]
     for mode in modes:
-        model = UNet(cin=images.shape[1]).train()
+        model = UNet(cin=images.shape[1], base=args.base_width).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
         def step():

@@ -1,7 +1,9 @@
 //! Time per training step of the default U-Net on the brain slices (batch 4, 112×96):
 //! cross-entropy only vs cross-entropy + Lovász-Softmax (forward, loss, backward, AdamW).
 //!
-//! `cargo run --release -p unet-example --example step_time [-- [STEPS] [--mode ce|lovasz|both] [--split] [--write-batch PATH]]`
+//! `cargo run --release -p unet-example --example step_time [-- [STEPS] [--mode ce|lovasz|both] [--base-width W] [--split] [--write-batch PATH]]`
+//!
+//! `--base-width W` times a U-Net of widths W/2W/4W/8W instead of the default 12/24/48/96.
 //!
 //! `--split` also prints where a step's time goes: forward pass + loss, backward pass,
 //! optimiser update.
@@ -28,6 +30,7 @@ struct Options {
     modes: Vec<bool>,
     write_batch: Option<String>,
     split: bool,
+    model: UNetConfig,
 }
 
 fn options() -> Res<Options> {
@@ -36,6 +39,7 @@ fn options() -> Res<Options> {
         modes: vec![false, true, false, true],
         write_batch: None,
         split: false,
+        model: UNetConfig::default(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -49,13 +53,20 @@ fn options() -> Res<Options> {
                 }
             }
             "--split" => o.split = true,
+            "--base-width" => {
+                let w = args.next().ok_or("--base-width needs a number")?;
+                o.model.base_width = w
+                    .parse()
+                    .map_err(|_| format!("--base-width takes a positive integer, got {w:?}"))?;
+                o.model.validate()?;
+            }
             "--write-batch" => {
                 o.write_batch = Some(args.next().ok_or("--write-batch needs a path")?);
             }
             s => {
                 o.steps = s.parse().map_err(|_| {
                     format!(
-                        "unknown argument {s:?} (expected STEPS, --mode, --split or --write-batch)"
+                        "unknown argument {s:?} (expected STEPS, --mode, --base-width, --split or --write-batch)"
                     )
                 })?
             }
@@ -118,7 +129,7 @@ fn main() -> Res<()> {
     };
     let steps = opts.steps.max(1);
     for &with_lovasz in &opts.modes {
-        let model = UNet::new(&UNetConfig::default(), 0, &dev)?;
+        let model = UNet::new(&opts.model, 0, &dev)?;
         let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
         // Seconds in forward + loss, backward, optimiser, summed over the steps.
         let mut parts = [0f64; 3];

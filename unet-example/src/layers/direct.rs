@@ -324,7 +324,11 @@ mod avx {
         x: *const f32,
         mask: __m256i,
     ) {
-        let xv = [0, 1, 2].map(|kx| load::<MASKED>(x.add(kx), mask));
+        let xv = [
+            load::<MASKED>(x, mask),
+            load::<MASKED>(x.add(1), mask),
+            load::<MASKED>(x.add(2), mask),
+        ];
         for (t, acc) in acc.iter_mut().enumerate() {
             let gv = load::<MASKED>(g.add(t * g_stride), mask);
             for kx in 0..3 {

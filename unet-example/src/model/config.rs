@@ -53,13 +53,13 @@ pub struct UNetConfig {
 }
 
 impl Default for UNetConfig {
-    /// The pilot's network: widths 8/16/32/64, batch norm, 1 channel, 15 classes.
+    /// The default network: widths 12/24/48/96, batch norm, 1 channel, 15 classes.
     fn default() -> Self {
         UNetConfig {
             in_channels: 1,
             num_classes: 15,
             depth: 4,
-            base_width: 8,
+            base_width: 12,
             norm: Norm::Batch,
         }
     }

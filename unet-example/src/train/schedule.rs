@@ -137,8 +137,8 @@ pub struct TrainConfig {
 }
 
 impl Default for TrainConfig {
-    /// The default run on the brain slices: the pilot's network and optimiser (widths
-    /// 8/16/32/64, batch norm, AdamW 4e-3 with cosine decay, batch 4, flip and
+    /// The default run on the brain slices: a U-Net of widths 12/24/48/96 with batch norm,
+    /// the pilot's optimiser and batches (AdamW 4e-3 with cosine decay, batch 4, flip and
     /// scale/shift augmentation), equibatch sampling, 180 epochs: CE, then CE + Lovász for
     /// the last half.
     fn default() -> Self {
@@ -162,7 +162,7 @@ impl Default for TrainConfig {
             sampling: Sampling::Equibatch,
             adamw: AdamWConfig::default(),
             depth: 4,
-            base_width: 8,
+            base_width: 12,
             norm: Norm::Batch,
         }
     }
