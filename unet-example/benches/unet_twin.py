@@ -2,8 +2,9 @@
 
 Same network (widths 12/24/48/96, two 3x3 conv-BN-ReLU per level without conv bias,
 2x2 stride-2 transposed convolutions with bias, a 1x1 head with bias, 15 classes,
-271,875 parameters; `--base-width 8` gives the pilot's 121,159), same batch (4 x 1 x 112 x 96, read from the file the Rust
-`step_time` example writes with `--write-batch`), same step: forward in training mode,
+271,875 parameters; `--base-width 8` gives the pilot's 121,159), same batch (4 x 1 x
+112 x 96, read from the file the Rust `step_time` example writes with `--write-batch`),
+same step: forward in training mode,
 cross-entropy (ignore 255), optionally + the authors' Lovasz-Softmax on the softmax of
 the logits (classes 'present', void 255), backward, AdamW (PyTorch's defaults, lr 1e-3).
 

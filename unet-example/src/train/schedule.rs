@@ -140,8 +140,9 @@ impl Default for TrainConfig {
     /// The default run on the brain slices: a U-Net of widths 12/24/48/96 with batch norm,
     /// the pilot's optimiser and batches (AdamW 4e-3 with cosine decay, batch 4, flip and
     /// scale/shift augmentation), equibatch sampling, 180 epochs: CE, then CE + Lovász for
-    /// the last half.
+    /// the last half. The network's shape is [`UNetConfig::default`]'s.
     fn default() -> Self {
+        let model = UNetConfig::default();
         TrainConfig {
             dataset: "brain".to_string(),
             num_classes: None,
@@ -161,9 +162,9 @@ impl Default for TrainConfig {
             seed: 0,
             sampling: Sampling::Equibatch,
             adamw: AdamWConfig::default(),
-            depth: 4,
-            base_width: 12,
-            norm: Norm::Batch,
+            depth: model.depth,
+            base_width: model.base_width,
+            norm: model.norm,
         }
     }
 }
