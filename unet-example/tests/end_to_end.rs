@@ -245,3 +245,34 @@ fn group_norm_and_lovasz_only_train_too() {
     assert!(t.history()[0].lovasz.is_some());
     assert!(s.test.mean_iou.is_some());
 }
+
+#[test]
+fn val_every_skips_validation_except_at_the_phase_switch_and_the_end() {
+    // 5 epochs, fine-tuning the last 2 (switch after epoch 3), validating every 2nd:
+    // epochs 2 (every 2nd), 3 (last CE epoch), 4 (every 2nd) and 5 (the last).
+    let cfg = TrainConfig {
+        epochs: 5,
+        finetune_epochs: 2,
+        ..tiny(Schedule::CeThenFinetune)
+    };
+    let options = RunOptions {
+        val_every: 2,
+        ..quiet()
+    };
+    let mut t = Trainer::new(cfg, &Device::Cpu, None, options).unwrap();
+    let Outcome::Finished(s) = t.run().unwrap() else {
+        panic!("not finished")
+    };
+    let validated: Vec<usize> = t
+        .history()
+        .iter()
+        .filter(|r| r.val_miou.is_some())
+        .map(|r| r.epoch)
+        .collect();
+    assert_eq!(validated, vec![2, 3, 4, 5]);
+    let skipped = &t.history()[0];
+    assert!(skipped.val_pixel_accuracy.is_none());
+    assert!(skipped.val_iou.iter().all(Option::is_none));
+    assert_eq!(skipped.val_iou.len(), t.history()[1].val_iou.len());
+    assert!(s.best_val_miou.is_some_and(|(_, e)| e >= 2));
+}

@@ -154,6 +154,11 @@ pub struct RuntimeArgs {
     /// No progress bars (logs only; set RUST_LOG=warn to silence those too).
     #[arg(long, short)]
     pub quiet: bool,
+    /// Validate every N epochs, and always after the last epoch and the last CE epoch
+    /// before fine-tuning (validation does not change the training, only what
+    /// metrics.csv and curves.png show between those epochs).
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub val_every: u64,
 }
 
 /// `train`.
@@ -352,6 +357,19 @@ mod tests {
         assert_eq!(given.sampling, Sampling::Equibatch);
         let shuffled = config(&["unet-example", "train", "--sampling", "shuffle"]);
         assert_eq!(shuffled.sampling, Sampling::Shuffle);
+    }
+
+    #[test]
+    fn val_every_defaults_to_5_and_rejects_0() {
+        let Command::Train(t) = Cli::try_parse_from(["unet-example", "train"])
+            .unwrap()
+            .command
+        else {
+            panic!("not train")
+        };
+        assert_eq!(t.runtime.val_every, 5);
+        let err = Cli::try_parse_from(["unet-example", "train", "--val-every", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--val-every"), "{err}");
     }
 
     #[test]

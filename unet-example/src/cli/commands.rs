@@ -31,6 +31,7 @@ pub fn run(cli: Cli) -> Result<()> {
 fn options(runtime: &RuntimeArgs) -> RunOptions {
     RunOptions {
         progress: !runtime.quiet,
+        val_every: runtime.val_every as usize,
         ..Default::default()
     }
 }

@@ -84,6 +84,14 @@ impl Trainer {
         }
     }
 
+    /// Whether epoch `e` (from 0) ends with a validation: every `val_every`-th epoch, the
+    /// last one, and the last before the fine-tuning phase.
+    fn validates(&self, e: usize) -> bool {
+        let n = e + 1;
+        let cfg = &self.run.train;
+        n % self.options.val_every.max(1) == 0 || n == cfg.epochs || cfg.switch_epoch() == Some(n)
+    }
+
     /// One epoch; `false` if a stop option interrupted it (nothing saved).
     fn train_epoch(&mut self) -> Result<bool> {
         let cfg = self.run.train.clone();
@@ -124,12 +132,16 @@ impl Trainer {
         bar.finish_and_clear();
         let train_seconds = start.elapsed().as_secs_f64();
         let eval_start = Instant::now();
-        let cm = confusion(
-            &self.model,
-            &*self.splits.val,
-            &self.run.normalisation,
-            self.options.eval_batch_size,
-        )?;
+        let cm = if self.validates(e) {
+            Some(confusion(
+                &self.model,
+                &*self.splits.val,
+                &self.run.normalisation,
+                self.options.eval_batch_size,
+            )?)
+        } else {
+            None
+        };
         let eval_seconds = eval_start.elapsed().as_secs_f64();
         let n = steps.max(1) as f64;
         let record = EpochRecord {
@@ -139,9 +151,12 @@ impl Trainer {
             loss: loss_sum / n,
             ce: ce_sum / n,
             lovasz: (phase != Phase::Ce).then_some(lov_sum / n),
-            val_miou: cm.mean_iou(),
-            val_pixel_accuracy: cm.pixel_accuracy(),
-            val_iou: cm.iou_per_class(),
+            val_miou: cm.as_ref().and_then(|cm| cm.mean_iou()),
+            val_pixel_accuracy: cm.as_ref().and_then(|cm| cm.pixel_accuracy()),
+            val_iou: cm.map_or_else(
+                || vec![None; self.run.data.num_classes],
+                |cm| cm.iou_per_class(),
+            ),
             steps,
             train_seconds,
             eval_seconds,

@@ -52,6 +52,9 @@ pub struct RunOptions {
     pub stop_after_steps: Option<usize>,
     /// Start over in an output folder that already holds a run.
     pub overwrite: bool,
+    /// Validate after every this many epochs (from 1), and always after the last epoch
+    /// and the last epoch before fine-tuning.
+    pub val_every: usize,
     /// Images per forward pass in evaluation.
     pub eval_batch_size: usize,
     /// Validation images shown in `predictions.png`.
@@ -65,6 +68,7 @@ impl Default for RunOptions {
             stop_after_epochs: None,
             stop_after_steps: None,
             overwrite: false,
+            val_every: 1,
             eval_batch_size: 8,
             prediction_images: 6,
         }
