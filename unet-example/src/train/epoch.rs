@@ -266,14 +266,19 @@ fn batch_error(err: datasets::Error) -> Error {
 fn log_epoch(record: &EpochRecord, epochs: usize) {
     let n = record.steps.max(1) as f64;
     info!(
-        "epoch {}/{} [{}] loss {:.4} (ce {:.4}{}) val mIoU {}% | {:.1}s train ({:.3}s/step), {:.1}s val",
+        "epoch {}/{} [{}] loss {:.4} (ce {:.4}{}){} | {:.1}s train ({:.3}s/step), {:.1}s val",
         record.epoch,
         epochs,
         record.phase.name(),
         record.loss,
         record.ce,
-        record.lovasz.map_or(String::new(), |l| format!(", lovasz {l:.4}")),
-        percent(record.val_miou),
+        record
+            .lovasz
+            .map_or(String::new(), |l| format!(", lovasz {l:.4}")),
+        record.val_miou.map_or(String::new(), |m| format!(
+            " val mIoU {}%",
+            percent(Some(m))
+        )),
         record.train_seconds,
         record.train_seconds / n,
         record.eval_seconds
