@@ -53,7 +53,8 @@ pub struct RunOptions {
     /// Start over in an output folder that already holds a run.
     pub overwrite: bool,
     /// Validate after every this many epochs (from 1), and always after the last epoch
-    /// and the last epoch before fine-tuning.
+    /// and the last epoch before fine-tuning. 1 (every epoch) by default here; the
+    /// command line's `--val-every` defaults to 5.
     pub val_every: usize,
     /// Images per forward pass in evaluation.
     pub eval_batch_size: usize,
