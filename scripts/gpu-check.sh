@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The CUDA check of lovasz-candle, in two halves.
+# The CUDA check of lovasz-candle and the U-Net example, in two halves.
 #
-#   bash scripts/gpu-check.sh build   # here, without a GPU: builds the CUDA test binary
-#                                     # and the GPU bench, stripped, into gpu-check/
-#   bash scripts/gpu-check.sh run     # on the GPU machine, from the repository root
+#   bash scripts/gpu-check.sh build        # here, without a GPU: builds the CUDA test
+#                                          # binaries, the GPU bench and a release
+#                                          # unet-example (cuda,cudnn), packed into gpu-check/
+#   bash scripts/gpu-check.sh run [PARTS]  # on the GPU machine, from the repository root
+#
+# PARTS (default: all) is a comma-separated choice of `loss` (the CUDA tests, the
+# fixtures and the loss bench) and `unet` (the default `train --device cuda`, then the
+# step times against the PyTorch twin at the default configuration and at base width
+# 32, batch 32, with the peak device memory of each).
 #
 # `build` needs the toolkit of .ci/cuda-toolkit.sh (installed from PyPI on first use) and
 # the authors' lovasz_losses.py (REFERENCE=path, default ../shared/reference/), copied
@@ -33,12 +39,17 @@ build() {
   reference_bin=$(printf '%s\n' "$log" | sed -n 's/.*Executable tests\/reference.rs (\(.*\))/\1/p' | tail -1)
   [ -n "$reference_bin" ] || { echo "gpu-check: no reference test binary was built" >&2; exit 1; }
   cargo build -p lovasz-candle --features cuda --example gpu_bench
+  # The U-Net example as users build it for CUDA: release, cuDNN.
+  cargo build --release -p unet-example --features cudnn --bin unet-example --example step_time
   # Stripped and xz-compressed (candle's kernels make each binary ~50 MiB, ~6 MiB packed).
   strip -o "$out/bin/cuda-tests" "$test_bin"
   strip -o "$out/bin/reference-tests" "$reference_bin"
   strip -o "$out/bin/gpu_bench" target/debug/examples/gpu_bench
-  xz -f -6 "$out/bin/cuda-tests" "$out/bin/reference-tests" "$out/bin/gpu_bench"
-  cp lovasz-candle/benches/gpu_reference.py "$out/"
+  strip -o "$out/bin/unet-example" target/release/unet-example
+  strip -o "$out/bin/step_time" target/release/examples/step_time
+  xz -f -6 "$out/bin/cuda-tests" "$out/bin/reference-tests" "$out/bin/gpu_bench" \
+    "$out/bin/unet-example" "$out/bin/step_time"
+  cp lovasz-candle/benches/gpu_reference.py unet-example/benches/unet_twin.py "$out/"
   cp "${REFERENCE:-../shared/reference/lovasz_losses.py}" "$out/reference/lovasz_losses.py"
   du -ch "$out"/bin/* | tail -1
   local bytes
@@ -51,21 +62,26 @@ build() {
 
 median() { sed -n 's/^median_s=//p' | tail -1; }
 
-run() {
-  local py=${PYTHON:-/opt/torch/.venv/bin/python3}
-  local bin
-  bin=$(mktemp -d)
-  for name in cuda-tests reference-tests gpu_bench; do
-    "$py" -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
-      "$out/bin/$name.xz" "$bin/$name"
-    chmod +x "$bin/$name"
-  done
-  local site
-  site=$("$py" -c 'import site; print(site.getsitepackages()[0])')
-  local libs
-  libs=$(ls -d "$site"/nvidia/*/lib 2>/dev/null | tr '\n' ':' || true)
-  export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+# Runs a command while sampling the GPU's used memory every 100 ms; prints the command's
+# output, then `peak_mib=N`: the most used above what was used before it started.
+with_peak_memory() {
+  local base samples pid peak
+  base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+  samples=$(mktemp)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$samples" &
+  pid=$!
+  "$@"
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  peak=$(sort -n "$samples" | tail -1)
+  echo "peak_mib=$((${peak:-$base} - base))"
+  rm -f "$samples"
+}
+
+ms() { grep -o '[0-9.]* ms/step' | head -1 | cut -d' ' -f1; }
+
+loss_part() {
+  local bin=$1 py=$2
   echo "== CUDA tests (lovasz-candle/tests/cuda.rs)"
   timeout 300 "$bin/cuda-tests" --test-threads=1
   echo "== the reference fixtures, on the CPU paths and on CUDA (tests/tests/reference.rs)"
@@ -85,8 +101,74 @@ run() {
   done
 }
 
+unet_part() {
+  local bin=$1 py=$2 tmp
+  tmp=$(mktemp -d)
+  echo "== the default train on CUDA (release, cuDNN, candle's layers)"
+  local start=$SECONDS
+  # A failed or timed-out run is reported and the step times still measured.
+  with_peak_memory timeout 300 "$bin/unet-example" train --device cuda -q -o "$tmp/run" |
+    tail -30 || unet_failed=1
+  echo "wall_s=$((SECONDS - start))"
+  [ -f "$tmp/run/summary.json" ] && "$py" - "$tmp/run/summary.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+t = s["test"]
+vals = [c["iou"] for c in t["classes"]]
+above = sum(1 for v in vals if v is not None and v > 0)
+print(f"test mIoU {100 * t['mean_iou']:.1f} %, classes above 0: {above} of {len(vals)}, device {s['device']}, train {s['train_seconds']:.0f} s")
+PY
+  echo "== step time, ours / PyTorch twin, same GPU, same batch (cuDNN on both)"
+  local cfg width batch mode o t
+  for cfg in "12:4" "32:32"; do
+    width=${cfg%%:*}
+    batch=${cfg#*:}
+    "$bin/step_time" --batch-size "$batch" --write-batch "$tmp/batch" >/dev/null
+    for mode in ce lovasz; do
+      line=$(with_peak_memory timeout 120 "$bin/step_time" 20 --device cuda --mode "$mode" \
+        --base-width "$width" --batch-size "$batch")
+      printf '%s\n' "$line" | grep -E 'ms/step|peak_mib' | tr '\n' ' '
+      echo
+      o=$(printf '%s\n' "$line" | ms)
+      line=$(with_peak_memory timeout 120 "$py" "$out/unet_twin.py" --batch "$tmp/batch" \
+        --reference "$out/reference/lovasz_losses.py" --steps 20 --mode "$mode" \
+        --base-width "$width" --device cuda)
+      printf '%s\n' "$line" | grep -E 'ms/step|peak_mib' | tr '\n' ' '
+      echo
+      t=$(printf '%s\n' "$line" | ms)
+      "$py" -c "print(f'step ratio width $width batch $batch $mode: ours / torch = {$o / $t:.2f}')"
+    done
+  done
+  rm -rf "$tmp"
+}
+
+run() {
+  local parts=${1:-loss,unet}
+  local py=${PYTHON:-/opt/torch/.venv/bin/python3}
+  local bin
+  bin=$(mktemp -d)
+  for name in cuda-tests reference-tests gpu_bench unet-example step_time; do
+    "$py" -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
+      "$out/bin/$name.xz" "$bin/$name"
+    chmod +x "$bin/$name"
+  done
+  local site
+  site=$("$py" -c 'import site; print(site.getsitepackages()[0])')
+  local libs
+  libs=$(ls -d "$site"/nvidia/*/lib 2>/dev/null | tr '\n' ':' || true)
+  export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  case ",$parts," in *,loss,*) loss_part "$bin" "$py" ;; esac
+  unet_failed=0
+  case ",$parts," in *,unet,*) unet_part "$bin" "$py" ;; esac
+  if [ "$unet_failed" -ne 0 ]; then
+    echo "gpu-check: the CUDA training run failed" >&2
+    exit 1
+  fi
+}
+
 case "${1:-}" in
   build) build ;;
-  run) run ;;
-  *) echo "usage: $0 build|run" >&2; exit 2 ;;
+  run) run "${2:-}" ;;
+  *) echo "usage: $0 build | run [loss,unet]" >&2; exit 2 ;;
 esac

@@ -9,9 +9,11 @@ cross-entropy (ignore 255), optionally + the authors' Lovasz-Softmax on the soft
 the logits (classes 'present', void 255), backward, AdamW (PyTorch's defaults, lr 1e-3).
 
     python unet_twin.py --batch BATCH --reference lovasz_losses.py [--steps 20] [--mode ce|lovasz|both]
-        [--base-width 12]
+        [--base-width 12] [--device cpu|cuda]
 
-Prints one line per mode: `torch <mode>: <ms> ms/step (<steps> steps)`.
+Prints one line per mode: `torch <mode>: <ms> ms/step (<steps> steps, ...)`; on CUDA
+(cuDNN as PyTorch configures it by default) each step ends with a synchronise, as the
+Rust example's do, and the line adds the peak memory PyTorch's allocator held.
 `run_step_ratio.sh` runs it side by side with the Rust example.
 """
 
@@ -84,7 +86,10 @@ def main():
     ap.add_argument("--mode", choices=["ce", "lovasz", "both"], default="both")
     ap.add_argument("--threads", type=int, default=0, help="0: PyTorch's default")
     ap.add_argument("--base-width", type=int, default=12, help="channels of the first level")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = importlib.util.spec_from_file_location("lovasz_losses", args.reference)
@@ -92,10 +97,11 @@ def main():
     spec.loader.exec_module(L)
 
     images, labels = read_batch(args.batch)
+    images, labels = images.to(dev), labels.to(dev)
     torch.manual_seed(0)
     modes = ["ce", "lovasz"] if args.mode == "both" else [args.mode]
     for mode in modes:
-        model = UNet(cin=images.shape[1], base=args.base_width).train()
+        model = UNet(cin=images.shape[1], base=args.base_width).to(dev).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
         def step():
@@ -107,15 +113,20 @@ def main():
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if cuda:
+                torch.cuda.synchronize()
 
         step()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         for _ in range(args.steps):
             step()
         ms = (time.perf_counter() - t) * 1e3 / args.steps
-        print(f"torch {mode}: {ms:.1f} ms/step ({args.steps} steps, "
-              f"{torch.get_num_threads()} threads, "
-              f"{sum(p.numel() for p in model.parameters())} parameters)")
+        where = (f"cuda, peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+                 if cuda else f"{torch.get_num_threads()} threads")
+        print(f"torch {mode}: {ms:.1f} ms/step ({args.steps} steps, batch {images.shape[0]}, "
+              f"{where}, {sum(p.numel() for p in model.parameters())} parameters)")
 
 
 if __name__ == "__main__":

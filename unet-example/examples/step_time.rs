@@ -1,9 +1,12 @@
 //! Time per training step of the default U-Net on the brain slices (batch 4, 112×96):
 //! cross-entropy only vs cross-entropy + Lovász-Softmax (forward, loss, backward, AdamW).
 //!
-//! `cargo run --release -p unet-example --example step_time [-- [STEPS] [--mode ce|lovasz|both] [--base-width W] [--split] [--write-batch PATH]]`
+//! `cargo run --release -p unet-example --example step_time [-- [STEPS] [--mode ce|lovasz|both] [--base-width W] [--batch-size B] [--device D] [--layers L] [--split] [--write-batch PATH]]`
 //!
-//! `--base-width W` times a U-Net of widths W/2W/4W/8W instead of the default 12/24/48/96.
+//! `--base-width W` times a U-Net of widths W/2W/4W/8W instead of the default 12/24/48/96;
+//! `--batch-size B` a batch of B slices (the training split's slices 0, 20, 40, …,
+//! wrapping around); `--device cpu|cuda|metal` and `--layers fused|candle` as the
+//! `unet-example` command line takes them (on a GPU each step ends with a synchronise).
 //!
 //! `--split` also prints where a step's time goes: forward pass + loss, backward pass,
 //! optimiser update.
@@ -20,7 +23,8 @@ use datasets::{BrainSlices, Dataset, Split};
 use lovasz_candle::{
     cross_entropy, lovasz_softmax_with_logits, CrossEntropyConfig, LovaszSoftmaxConfig,
 };
-use unet_example::model::{UNet, UNetConfig};
+use unet_example::device::DeviceChoice;
+use unet_example::model::{Layers, UNet, UNetConfig};
 use unet_example::optim::{AdamW, AdamWConfig};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -31,6 +35,9 @@ struct Options {
     write_batch: Option<String>,
     split: bool,
     model: UNetConfig,
+    batch: usize,
+    device: DeviceChoice,
+    layers: Option<Layers>,
 }
 
 fn options() -> Res<Options> {
@@ -40,6 +47,9 @@ fn options() -> Res<Options> {
         write_batch: None,
         split: false,
         model: UNetConfig::default(),
+        batch: 4,
+        device: DeviceChoice::Cpu,
+        layers: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -60,13 +70,21 @@ fn options() -> Res<Options> {
                     .map_err(|_| format!("--base-width takes a positive integer, got {w:?}"))?;
                 o.model.validate()?;
             }
+            "--batch-size" => {
+                let b = args.next().ok_or("--batch-size needs a number")?;
+                o.batch = b.parse().ok().filter(|&b| b > 0).ok_or_else(|| {
+                    format!("--batch-size takes a positive integer, got {b:?}")
+                })?;
+            }
+            "--device" => o.device = args.next().ok_or("--device needs a name")?.parse()?,
+            "--layers" => o.layers = Some(args.next().ok_or("--layers needs a name")?.parse()?),
             "--write-batch" => {
                 o.write_batch = Some(args.next().ok_or("--write-batch needs a path")?);
             }
             s => {
                 o.steps = s.parse().map_err(|_| {
                     format!(
-                        "unknown argument {s:?} (expected STEPS, --mode, --base-width, --split or --write-batch)"
+                        "unknown argument {s:?} (expected STEPS, --mode, --base-width, --batch-size, --device, --layers, --split or --write-batch)"
                     )
                 })?
             }
@@ -92,11 +110,12 @@ fn main() -> Res<()> {
     unet_example::device::limit_elementwise_threads();
     let kept = unet_example::device::keep_freed_memory();
     let opts = options()?;
-    let dev = Device::Cpu;
+    let dev = opts.device.open()?;
     let train = BrainSlices::load(Split::Train)?;
     let (mut images, mut masks) = (Vec::new(), Vec::new());
-    for i in 0..4 {
-        let s = train.get(i * 20)?;
+    let b = opts.batch;
+    for i in 0..b {
+        let s = train.get(i * 20 % train.len())?;
         images.extend(s.image);
         masks.extend(s.mask);
     }
@@ -105,7 +124,7 @@ fn main() -> Res<()> {
             .iter()
             .map(|&m| u8::try_from(m).map_err(|_| format!("label {m} does not fit a byte")))
             .collect::<Result<Vec<u8>, _>>()?;
-        write_batch(path, &images, &labels, [4, 1, 112, 96])?;
+        write_batch(path, &images, &labels, [b as u32, 1, 112, 96])?;
         println!("wrote the batch to {path}");
         return Ok(());
     }
@@ -117,8 +136,8 @@ fn main() -> Res<()> {
             "left as it is (GLIBC_TUNABLES set, or not glibc)"
         }
     );
-    let images = Tensor::from_vec(images, (4, 1, 112, 96), &dev)?;
-    let masks = Tensor::from_vec(masks, (4, 112, 96), &dev)?;
+    let images = Tensor::from_vec(images, (b, 1, 112, 96), &dev)?;
+    let masks = Tensor::from_vec(masks, (b, 112, 96), &dev)?;
     let ce_cfg = CrossEntropyConfig {
         ignore_index: Some(255),
         ..Default::default()
@@ -129,7 +148,7 @@ fn main() -> Res<()> {
     };
     let steps = opts.steps.max(1);
     for &with_lovasz in &opts.modes {
-        let model = UNet::new(&opts.model, 0, &dev)?;
+        let model = UNet::new(&opts.model, 0, &dev, opts.layers)?;
         let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
         // Seconds in forward + loss, backward, optimiser, summed over the steps.
         let mut parts = [0f64; 3];
@@ -144,6 +163,9 @@ fn main() -> Res<()> {
             let grads = loss.backward()?;
             let t2 = Instant::now();
             opt.step(&grads, 1e-3)?;
+            if !matches!(dev, Device::Cpu) {
+                dev.synchronize()?;
+            }
             parts[0] += (t1 - t0).as_secs_f64();
             parts[1] += (t2 - t1).as_secs_f64();
             parts[2] += t2.elapsed().as_secs_f64();
@@ -161,7 +183,11 @@ fn main() -> Res<()> {
         } else {
             "CE only"
         };
-        println!("{name:>20}: {ms:7.1} ms/step ({steps} steps)");
+        println!(
+            "{name:>20}: {ms:7.1} ms/step ({steps} steps, batch {b}, {} layers, {})",
+            model.layers(),
+            unet_example::device::device_name(&dev)
+        );
         if opts.split {
             let [f, b, o] = parts.map(|p| p * 1e3 / steps as f64);
             println!(

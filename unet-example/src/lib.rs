@@ -7,8 +7,9 @@
 //! library, so tests drive the same code:
 //!
 //! - [`model`]: the U-Net (depth, width, batch or group norm, transposed-conv up path):
-//!   its configuration, its blocks and the seeded initialiser;
-//! - [`layers`]: its convolutions and norms in a channel-first layout, fast on a CPU;
+//!   its configuration, its blocks, the seeded initialiser, and the two sets of
+//!   [`Layers`](model::Layers) it runs on (the `fused-cpu-layers` crate's ops on the CPU,
+//!   candle's own ops everywhere);
 //! - [`optim`]: AdamW with exportable moments and the cosine schedule;
 //! - [`train`]: the loss schedule and options, the trainer (new, resumed or forked
 //!   runs), the epoch loop, the per-epoch records and the final summary;
@@ -35,7 +36,6 @@ pub mod data;
 pub mod device;
 mod error;
 pub mod eval;
-pub mod layers;
 pub mod model;
 pub mod optim;
 pub mod plot;

@@ -12,6 +12,7 @@ use unet_example::checkpoint::{
 use unet_example::cli::load_run;
 use unet_example::data::{open_split, DataSpec};
 use unet_example::eval::{confusion, predict_samples};
+use unet_example::model::{Layers, UNet};
 use unet_example::train::{EpochRecord, Outcome, RunOptions, Schedule, TrainConfig, Trainer};
 
 fn tiny(schedule: Schedule) -> TrainConfig {
@@ -117,13 +118,13 @@ fn training_lowers_the_loss_and_writes_every_file() {
 #[test]
 fn a_saved_model_predicts_what_the_trained_one_did() {
     let dir = finished_run();
-    let (run, model) = load_run(dir, &Device::Cpu).unwrap();
+    let (run, model) = load_run(dir, &Device::Cpu, None).unwrap();
     let val = open_split(&DataSpec::Shapes { size: 32, len: 16 }, Split::Val, None).unwrap();
     let samples: Vec<_> = (0..val.len()).map(|i| val.get(i).unwrap()).collect();
     let first = predict_samples(&model, &samples, &run.normalisation, 4).unwrap();
 
     // Load again into a model with other initial weights: identical predictions.
-    let other = unet_example::model::UNet::new(&run.model, 99, &Device::Cpu).unwrap();
+    let other = UNet::new(&run.model, 99, &Device::Cpu, None).unwrap();
     other.load(&dir.join(MODEL_FILE)).unwrap();
     let second = predict_samples(&other, &samples, &run.normalisation, 3).unwrap();
     assert_eq!(first, second);
@@ -134,6 +135,73 @@ fn a_saved_model_predicts_what_the_trained_one_did() {
         serde_json::from_str(&std::fs::read_to_string(dir.join(SUMMARY_FILE)).unwrap()).unwrap();
     let saved = summary["val"]["mean_iou"].as_f64().unwrap();
     assert!((cm.mean_iou().unwrap() - saved).abs() < 1e-12);
+
+    // The run was trained on the fused layers; candle's own evaluate it alike.
+    let (_, on_candle) = load_run(dir, &Device::Cpu, Some(Layers::Candle)).unwrap();
+    assert_eq!(on_candle.layers(), Layers::Candle);
+    let cm = confusion(&on_candle, &*val, &run.normalisation, 8).unwrap();
+    assert!((cm.mean_iou().unwrap() - saved).abs() < 1e-3);
+}
+
+#[test]
+fn each_set_of_layers_learns_the_synthetic_shapes() {
+    for layers in [Layers::Fused, Layers::Candle] {
+        let cfg = TrainConfig {
+            epochs: 5,
+            ..tiny(Schedule::Ce)
+        };
+        let options = RunOptions {
+            layers: Some(layers),
+            ..quiet()
+        };
+        let mut t = Trainer::new(cfg, &Device::Cpu, None, options).unwrap();
+        assert_eq!(t.model().layers(), layers);
+        assert!(matches!(t.run().unwrap(), Outcome::Finished(_)));
+        let h = t.history();
+        let (first, last) = (&h[0], &h[h.len() - 1]);
+        assert!(
+            last.ce < first.ce,
+            "{layers}: CE {} → {}",
+            first.ce,
+            last.ce
+        );
+        let (m0, m1) = (first.val_miou.unwrap(), last.val_miou.unwrap());
+        assert!(m1 > m0, "{layers}: val mIoU {m0} → {m1}");
+    }
+}
+
+#[test]
+fn a_run_of_the_fused_layers_resumes_on_candles_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let cut = RunOptions {
+        stop_after_epochs: Some(2),
+        ..quiet()
+    };
+    let mut t = Trainer::new(
+        tiny(Schedule::CeThenFinetune),
+        &Device::Cpu,
+        Some(&dir),
+        cut,
+    )
+    .unwrap();
+    assert!(matches!(t.run().unwrap(), Outcome::Stopped { epoch: 2 }));
+    let on_candle = RunOptions {
+        layers: Some(Layers::Candle),
+        ..quiet()
+    };
+    let mut rest = Trainer::resume(&dir, &Device::Cpu, on_candle).unwrap();
+    assert_eq!(rest.model().layers(), Layers::Candle);
+    assert!(matches!(rest.run().unwrap(), Outcome::Finished(_)));
+    // The whole run on the fused layers, for comparison: the same losses to float
+    // rounding (the two sets of layers sum in different orders).
+    let mut full =
+        Trainer::new(tiny(Schedule::CeThenFinetune), &Device::Cpu, None, quiet()).unwrap();
+    assert!(matches!(full.run().unwrap(), Outcome::Finished(_)));
+    for (a, b) in full.history().iter().zip(rest.history()) {
+        let d = (a.loss - b.loss).abs() / a.loss.abs().max(1e-6);
+        assert!(d < 1e-3, "epoch {}: loss {} vs {}", a.epoch, a.loss, b.loss);
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use datasets::Split;
 
 use crate::device::DeviceChoice;
-use crate::model::Norm;
+use crate::model::{Layers, Norm};
 use crate::optim::AdamWConfig;
 use crate::train::{LovaszClasses, Sampling, Schedule, TrainConfig};
 use crate::Error;
@@ -151,6 +151,11 @@ pub struct RuntimeArgs {
     /// Metal need a build with `--features cuda` or `--features metal`.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: DeviceChoice,
+    /// Layers: fused (the fused CPU ops, f32 on the CPU only) or candle (candle's own
+    /// ops: cuDNN or Metal kernels on GPUs). Default: fused on the CPU, candle elsewhere.
+    /// A run trained with one resumes, evaluates and predicts with the other.
+    #[arg(long, value_parser = parse_layers)]
+    pub layers: Option<Layers>,
     /// No progress bars (logs only; set RUST_LOG=warn to silence those too).
     #[arg(long, short)]
     pub quiet: bool,
@@ -296,6 +301,10 @@ fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }
 
+fn parse_layers(s: &str) -> std::result::Result<Layers, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
 fn parse_split(s: &str) -> std::result::Result<Split, String> {
     s.parse().map_err(|e: datasets::Error| e.to_string())
 }
@@ -317,6 +326,8 @@ mod tests {
         assert_eq!(parse_range("0.9,1.1"), Ok((0.9, 1.1)));
         assert!(parse_range("x").is_err());
         assert!(parse_device("tpu").is_err());
+        assert_eq!(parse_layers("candle"), Ok(Layers::Candle));
+        assert!(parse_layers("cudnn").is_err());
         assert_eq!(parse_norm("group:2"), Ok(Norm::Group { groups: 2 }));
     }
 

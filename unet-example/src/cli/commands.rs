@@ -14,7 +14,7 @@ use crate::checkpoint::MODEL_FILE;
 use crate::data::{open_split, DataSpec};
 use crate::device::device_name;
 use crate::eval::{check_compatible, evaluate, percent, EvalReport};
-use crate::model::UNet;
+use crate::model::{Layers, UNet};
 use crate::train::{Outcome, RunConfig, RunOptions, Schedule, Trainer};
 use crate::{compare, visualise, Error, Result};
 
@@ -32,6 +32,7 @@ fn options(runtime: &RuntimeArgs) -> RunOptions {
     RunOptions {
         progress: !runtime.quiet,
         val_every: runtime.val_every as usize,
+        layers: runtime.layers,
         ..Default::default()
     }
 }
@@ -48,10 +49,11 @@ fn train(args: TrainArgs) -> Result<()> {
             let out = args.output.clone().unwrap_or_else(|| default_output(&cfg));
             let t = Trainer::new(cfg, &device, Some(&out), options)?;
             info!(
-                "training a {}-parameter U-Net on {} ({}), writing to {}",
+                "training a {}-parameter U-Net on {} ({}, {} layers), writing to {}",
                 t.model().num_parameters(),
                 t.config().train.dataset,
                 device_name(&device),
+                t.model().layers(),
                 out.display()
             );
             t
@@ -102,10 +104,15 @@ fn compare_cmd(args: CompareArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reads a run folder's configuration and weights onto `device`.
-pub fn load_run(dir: &Path, device: &candle::Device) -> Result<(RunConfig, UNet)> {
+/// Reads a run folder's configuration and weights onto `device`, into a model on
+/// `layers` (`None`: the device's default).
+pub fn load_run(
+    dir: &Path,
+    device: &candle::Device,
+    layers: Option<Layers>,
+) -> Result<(RunConfig, UNet)> {
     let run = RunConfig::read(dir)?;
-    let model = UNet::new(&run.model, 0, device)?;
+    let model = UNet::new(&run.model, 0, device, layers)?;
     model.load(&dir.join(MODEL_FILE))?;
     Ok((run, model))
 }
@@ -136,7 +143,7 @@ fn dataset_for(
 
 fn eval(args: EvalArgs) -> Result<()> {
     let device = args.runtime.device.open()?;
-    let (run, model) = load_run(&args.checkpoint, &device)?;
+    let (run, model) = load_run(&args.checkpoint, &device, args.runtime.layers)?;
     let ds = dataset_for(&run, &args.dataset, args.num_classes, args.split)?;
     check_compatible(&model, &*ds)?;
     let metrics = evaluate(&model, &*ds, &run.normalisation, args.batch_size)?;
@@ -160,7 +167,7 @@ fn eval(args: EvalArgs) -> Result<()> {
 
 fn predict(args: PredictArgs) -> Result<()> {
     let device = args.runtime.device.open()?;
-    let (run, model) = load_run(&args.checkpoint, &device)?;
+    let (run, model) = load_run(&args.checkpoint, &device, args.runtime.layers)?;
     if let Some(input) = &args.input {
         let sample = visualise::read_image(input, run.model.in_channels)?;
         let out = args

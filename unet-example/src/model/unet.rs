@@ -13,48 +13,10 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::{Norm, UNetConfig};
 use super::init::{lock, SeededInit};
+use super::layers::Layers;
+use super::norm::NormLayer;
 use crate::atomic_file::write_atomically;
-use crate::layers::{conv3x3, conv_transpose2x2, head1x1, max_pool2x2, BatchNorm, GroupNorm};
 use crate::{Error, Result};
-
-enum NormLayer {
-    Batch(BatchNorm),
-    Group(GroupNorm),
-}
-
-impl NormLayer {
-    fn new(norm: Norm, channels: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
-        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
-        Ok(match norm {
-            Norm::Batch => {
-                let stat = |name: &str, v: f64| -> Result<Var> {
-                    let t = vb.get_with_hints(channels, name, Init::Const(v))?;
-                    Ok(Var::from_tensor(&t)?)
-                };
-                NormLayer::Batch(BatchNorm {
-                    weight,
-                    bias,
-                    running_mean: stat("running_mean", 0.0)?,
-                    running_var: stat("running_var", 1.0)?,
-                })
-            }
-            Norm::Group { groups } => NormLayer::Group(GroupNorm {
-                groups,
-                weight,
-                bias,
-            }),
-        })
-    }
-
-    /// `relu(norm(x))`.
-    fn forward_relu_t(&self, x: &Tensor, train: bool) -> candle::Result<Tensor> {
-        match self {
-            NormLayer::Batch(bn) => bn.forward_relu_t(x, train),
-            NormLayer::Group(gn) => gn.forward(x)?.relu(),
-        }
-    }
-}
 
 /// Two 3×3 conv–norm–ReLU layers.
 struct ConvBlock {
@@ -84,12 +46,12 @@ impl ConvBlock {
         })
     }
 
-    /// `[cin, B, H, W]` → `[cout, B, H, W]`.
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle::Result<Tensor> {
-        let x = self
-            .norm1
-            .forward_relu_t(&conv3x3(x, &self.conv1)?, train)?;
-        self.norm2.forward_relu_t(&conv3x3(&x, &self.conv2)?, train)
+    /// `cin` channels → `cout` channels, same size.
+    fn forward_t(&self, layers: Layers, x: &Tensor, train: bool) -> candle::Result<Tensor> {
+        let x = layers.conv3x3(x, &self.conv1)?;
+        let x = self.norm1.forward_relu_t(layers, &x, train)?;
+        let x = layers.conv3x3(&x, &self.conv2)?;
+        self.norm2.forward_relu_t(layers, &x, train)
     }
 }
 
@@ -100,10 +62,11 @@ struct UpConv {
 }
 
 /// A U-Net whose parameters live in a [`VarMap`] (batch-norm running statistics
-/// included, so saving the map saves them). Internally activations are `[C, B, H, W]`
-/// (see [`crate::layers`]); inputs and outputs are the usual `[B, C, H, W]`.
+/// included, so saving the map saves them), run on one set of [`Layers`]. Inputs and
+/// outputs are the usual `[B, C, H, W]` whatever the layers' inner layout.
 pub struct UNet {
     cfg: UNetConfig,
+    layers: Layers,
     varmap: VarMap,
     down: Vec<ConvBlock>,
     up: Vec<(UpConv, ConvBlock)>,
@@ -114,9 +77,16 @@ pub struct UNet {
 impl UNet {
     /// A freshly initialised network on `device`, its weights drawn from `seed`
     /// (candle-nn's initialisation rules: Kaiming normal for 3×3 kernels, uniform
-    /// ±1/√fan-in for the transposed convolutions and the head).
-    pub fn new(cfg: &UNetConfig, seed: u64, device: &Device) -> Result<Self> {
+    /// ±1/√fan-in for the transposed convolutions and the head), run on `layers` (`None`:
+    /// the device's default, see [`Layers::resolve`]).
+    pub fn new(
+        cfg: &UNetConfig,
+        seed: u64,
+        device: &Device,
+        layers: Option<Layers>,
+    ) -> Result<Self> {
         cfg.validate()?;
+        let layers = Layers::resolve(layers, device)?;
         let varmap = VarMap::new();
         let backend = SeededInit {
             varmap: varmap.clone(),
@@ -172,6 +142,7 @@ impl UNet {
         )?;
         Ok(UNet {
             cfg: cfg.clone(),
+            layers,
             varmap,
             down,
             up,
@@ -183,6 +154,11 @@ impl UNet {
     /// The network's configuration.
     pub fn config(&self) -> &UNetConfig {
         &self.cfg
+    }
+
+    /// The layers the network runs on.
+    pub fn layers(&self) -> Layers {
+        self.layers
     }
 
     /// The device the weights live on.
@@ -208,24 +184,24 @@ impl UNet {
                 self.cfg.depth
             )));
         }
+        let layers = self.layers;
         let mut skips = Vec::with_capacity(self.cfg.depth);
-        // Channel-first [C, B, H, W] inside (see crate::layers).
-        let mut x = images.transpose(0, 1)?.contiguous()?;
+        let mut x = layers.enter(images)?;
         for (level, block) in self.down.iter().enumerate() {
-            x = block.forward_t(&x, train)?;
+            x = block.forward_t(layers, &x, train)?;
             if level + 1 < self.cfg.depth {
                 skips.push(x.clone());
-                x = max_pool2x2(&x)?;
+                x = layers.max_pool2x2(&x)?;
             }
         }
         for (upconv, block) in &self.up {
             let skip = skips
                 .pop()
                 .ok_or_else(|| candle::Error::Msg("U-Net skip stack underflow".into()))?;
-            let x_up = conv_transpose2x2(&x, &upconv.weight, &upconv.bias)?;
-            x = block.forward_t(&Tensor::cat(&[&skip, &x_up], 0)?, train)?;
+            let x_up = layers.up2x2(&x, &upconv.weight, &upconv.bias)?;
+            x = block.forward_t(layers, &layers.cat_channels(&skip, &x_up)?, train)?;
         }
-        Ok(head1x1(&x, &self.head.0, &self.head.1)?)
+        Ok(layers.head1x1(&x, &self.head.0, &self.head.1)?)
     }
 
     /// Class predictions u32 `[B, H, W]` (argmax of the evaluation-mode logits) for
@@ -366,22 +342,36 @@ mod tests {
 
     type Named = Vec<(String, Tensor)>;
 
-    /// Loss, logits, every trainable gradient and the running statistics of one
-    /// training step of a fresh `small()` net (seed 0) on a fixed batch.
-    fn one_step() -> (f32, Tensor, Named, Named) {
-        let dev = Device::Cpu;
-        let net = UNet::new(&small(), 0, &dev).unwrap();
+    /// What one training step of a fresh `small()` net (seed 0) on `layers` gives on a
+    /// fixed batch: the loss, the logits, every trainable gradient, the running
+    /// statistics after the step, and the evaluation-mode logits after it.
+    struct Step {
+        loss: f32,
+        logits: Tensor,
+        grads: Named,
+        stats: Named,
+        eval_logits: Tensor,
+    }
+
+    fn batch(dev: &Device) -> (Tensor, Tensor) {
         let x: Vec<f32> = (0..2 * 3 * 16 * 24)
             .map(|i| (i as f32 * 0.37).sin())
             .collect();
-        let x = Tensor::from_vec(x, (2, 3, 16, 24), &dev).unwrap();
+        let x = Tensor::from_vec(x, (2, 3, 16, 24), dev).unwrap();
         let labels: Vec<u32> = (0..2 * 16 * 24).map(|i| (i * 7 % 11 % 5) as u32).collect();
-        let labels = Tensor::from_vec(labels, (2, 16, 24), &dev).unwrap();
+        (x, Tensor::from_vec(labels, (2, 16, 24), dev).unwrap())
+    }
+
+    fn one_step(layers: Layers) -> Step {
+        let dev = Device::Cpu;
+        let net = UNet::new(&small(), 0, &dev, Some(layers)).unwrap();
+        assert_eq!(net.layers(), layers);
+        let (x, labels) = batch(&dev);
         let logits = net.forward_t(&x, true).unwrap();
         let cfg = lovasz_candle::CrossEntropyConfig::default();
         let loss = lovasz_candle::cross_entropy(&logits, &labels, &cfg).unwrap();
         let grads = loss.backward().unwrap();
-        let g = net
+        let grads = net
             .trainable_vars()
             .into_iter()
             .map(|(name, v)| (name, grads.get(&v).unwrap().clone()))
@@ -392,50 +382,97 @@ mod tests {
             .filter(|(name, _)| is_running_stat(name))
             .map(|(name, v)| (name, v.as_tensor().clone()))
             .collect();
-        (loss.to_scalar().unwrap(), logits, g, stats)
+        Step {
+            loss: loss.to_scalar().unwrap(),
+            logits,
+            grads,
+            stats,
+            eval_logits: net.forward_t(&x, false).unwrap(),
+        }
+    }
+
+    /// max |a − b| / max |b|.
+    fn relative_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() / scale.max(1e-6)
     }
 
     #[test]
-    fn fused_cpu_layers_train_like_the_composed_ones() {
-        // The whole network on the CPU's fused ops against the candle ops that CUDA /
-        // Metal run: same loss, logits, gradients of every parameter, running stats.
-        let fused = one_step();
-        crate::layers::force_composed(true);
-        let composed = one_step();
-        crate::layers::force_composed(false);
-        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-            d.to_scalar::<f32>().unwrap() / scale.max(1e-6)
-        };
+    fn fused_layers_train_and_evaluate_like_candles_own() {
+        // The whole network on the fused CPU ops against candle's own ops (the layers of
+        // CUDA / Metal): same loss, logits, gradients of every parameter, running
+        // statistics, and evaluation-mode logits.
+        let fused = one_step(Layers::Fused);
+        let candle = one_step(Layers::Candle);
         assert!(
-            (fused.0 - composed.0).abs() < 1e-5,
+            (fused.loss - candle.loss).abs() < 1e-5,
             "loss {} vs {}",
-            fused.0,
-            composed.0
+            fused.loss,
+            candle.loss
         );
-        assert!(max_diff(&fused.1, &composed.1) < 1e-4, "logits");
-        assert_eq!(fused.2.len(), composed.2.len());
-        for ((name, a), (_, b)) in fused
-            .2
+        assert!(
+            relative_diff(&fused.logits, &candle.logits) < 1e-4,
+            "logits"
+        );
+        assert!(
+            relative_diff(&fused.eval_logits, &candle.eval_logits) < 1e-4,
+            "eval logits"
+        );
+        assert_eq!(fused.grads.len(), candle.grads.len());
+        assert_eq!(fused.stats.len(), 2 * 2 * (2 * small().depth - 1));
+        for ((name, a), (other, b)) in fused
+            .grads
             .iter()
-            .zip(&composed.2)
-            .chain(fused.3.iter().zip(&composed.3))
+            .zip(&candle.grads)
+            .chain(fused.stats.iter().zip(&candle.stats))
         {
-            let d = max_diff(a, b);
+            assert_eq!(name, other);
+            let d = relative_diff(a, b);
             assert!(d < 1e-3, "{name}: relative difference {d}");
         }
     }
 
     #[test]
+    fn a_checkpoint_of_one_set_of_layers_loads_into_the_other() {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let fused = UNet::new(&small(), 3, &dev, Some(Layers::Fused)).unwrap();
+        let (x, _) = batch(&dev);
+        fused.forward_t(&x, true).unwrap(); // moves the running statistics
+        fused.save(&path).unwrap();
+        let candle = UNet::new(&small(), 4, &dev, Some(Layers::Candle)).unwrap();
+        candle.load(&path).unwrap();
+        let a = fused.forward_t(&x, false).unwrap();
+        let b = candle.forward_t(&x, false).unwrap();
+        assert!(relative_diff(&a, &b) < 1e-4);
+        assert_eq!(
+            fused.predict(&x).unwrap().to_vec3::<u32>().unwrap(),
+            candle.predict(&x).unwrap().to_vec3::<u32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn fused_layers_name_themselves_on_input_they_cannot_take() {
+        let fused = UNet::new(&small(), 0, &Device::Cpu, Some(Layers::Fused)).unwrap();
+        let x = Tensor::zeros((1, 3, 8, 8), DType::F64, &Device::Cpu).unwrap();
+        let err = fused.forward_t(&x, true).unwrap_err().to_string();
+        assert!(
+            err.contains("f32") && err.contains("--layers candle"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn logits_have_input_resolution() {
-        let net = UNet::new(&small(), 0, &Device::Cpu).unwrap();
+        let net = UNet::new(&small(), 0, &Device::Cpu, None).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 3, 16, 24), &Device::Cpu).unwrap();
         assert_eq!(net.forward_t(&x, true).unwrap().dims(), &[2, 5, 16, 24]);
         assert_eq!(net.forward_t(&x, false).unwrap().dims(), &[2, 5, 16, 24]);
@@ -443,7 +480,7 @@ mod tests {
 
     #[test]
     fn predict_pads_odd_sizes() {
-        let net = UNet::new(&small(), 0, &Device::Cpu).unwrap();
+        let net = UNet::new(&small(), 0, &Device::Cpu, None).unwrap();
         let x = Tensor::zeros((1, 3, 13, 7), DType::F32, &Device::Cpu).unwrap();
         let p = net.predict(&x).unwrap();
         assert_eq!(p.dims(), &[1, 13, 7]);
@@ -454,15 +491,15 @@ mod tests {
 
     #[test]
     fn seed_fixes_the_weights() {
-        let a = UNet::new(&small(), 7, &Device::Cpu)
+        let a = UNet::new(&small(), 7, &Device::Cpu, None)
             .unwrap()
             .tensors()
             .unwrap();
-        let b = UNet::new(&small(), 7, &Device::Cpu)
+        let b = UNet::new(&small(), 7, &Device::Cpu, None)
             .unwrap()
             .tensors()
             .unwrap();
-        let c = UNet::new(&small(), 8, &Device::Cpu)
+        let c = UNet::new(&small(), 8, &Device::Cpu, None)
             .unwrap()
             .tensors()
             .unwrap();
@@ -475,7 +512,7 @@ mod tests {
 
     #[test]
     fn widths_and_trainable_vars() {
-        let net = UNet::new(&UNetConfig::default(), 0, &Device::Cpu).unwrap();
+        let net = UNet::new(&UNetConfig::default(), 0, &Device::Cpu, None).unwrap();
         let names: Vec<String> = net.trainable_vars().into_iter().map(|(n, _)| n).collect();
         assert!(names.iter().all(|n| !n.contains("running")));
         assert!(names.contains(&"up.2.upconv.weight".to_string()));
@@ -489,7 +526,7 @@ mod tests {
         cfg.norm = Norm::Group { groups: 3 };
         assert!(cfg.validate().is_err());
         cfg.norm = Norm::Group { groups: 2 };
-        let net = UNet::new(&cfg, 0, &Device::Cpu).unwrap();
+        let net = UNet::new(&cfg, 0, &Device::Cpu, None).unwrap();
         let x = Tensor::randn(0f32, 1., (1, 3, 8, 8), &Device::Cpu).unwrap();
         assert_eq!(net.forward_t(&x, true).unwrap().dims(), &[1, 5, 8, 8]);
     }

@@ -25,7 +25,8 @@ pub struct Summary {
     pub epochs: usize,
     /// Trainable parameters.
     pub parameters: usize,
-    /// The device used by the last part of the run.
+    /// The device and layers used by the last part of the run (e.g. `cpu (2 threads),
+    /// fused layers`).
     pub device: String,
     /// Seconds of training and validation over all parts of the run.
     pub train_seconds: f64,
@@ -66,7 +67,11 @@ impl Trainer {
             config: self.run.clone(),
             epochs: self.epoch,
             parameters: self.model.num_parameters(),
-            device: crate::device::device_name(self.model.device()),
+            device: format!(
+                "{}, {} layers",
+                crate::device::device_name(self.model.device()),
+                self.model.layers()
+            ),
             train_seconds: self.train_seconds,
             step_seconds: step_times(&self.history),
             best_val_miou,

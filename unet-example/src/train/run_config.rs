@@ -10,7 +10,7 @@ use super::schedule::TrainConfig;
 use crate::atomic_file::read_json;
 use crate::checkpoint::CONFIG_FILE;
 use crate::data::{DataInfo, Normalisation};
-use crate::model::UNetConfig;
+use crate::model::{Layers, UNetConfig};
 use crate::{Error, Result};
 
 /// `config.json`: the training options and what the data and model turned out to be.
@@ -60,6 +60,9 @@ pub struct RunOptions {
     pub eval_batch_size: usize,
     /// Validation images shown in `predictions.png`.
     pub prediction_images: usize,
+    /// The layers the model runs on; `None`: the device's default (see
+    /// [`Layers::resolve`]). Either set resumes the other's checkpoints.
+    pub layers: Option<Layers>,
 }
 
 impl Default for RunOptions {
@@ -72,6 +75,7 @@ impl Default for RunOptions {
             val_every: 1,
             eval_batch_size: 8,
             prediction_images: 6,
+            layers: None,
         }
     }
 }

@@ -155,7 +155,7 @@ impl Trainer {
         options: RunOptions,
     ) -> Result<Self> {
         let cfg = &run.train;
-        let model = UNet::new(&run.model, cfg.seed, device)?;
+        let model = UNet::new(&run.model, cfg.seed, device, options.layers)?;
         crate::eval::check_compatible(&model, &*splits.train)?;
         let opt = AdamW::new(model.trainable_vars(), cfg.adamw)?;
         let first = splits.train.get(0)?;

@@ -143,8 +143,10 @@ pub(crate) fn kernel_grad(x: &Padded, grad: &[f32], o: usize) -> Option<Vec<f32>
     Some(dw)
 }
 
-/// Strides of the padded input and the output, and the input channel count.
+/// Strides of the padded input and the output, and the input channel count (read by
+/// the x86-64 kernels only).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Geometry {
     /// Between input channels in the padded buffer.
     pub channel_stride: usize,

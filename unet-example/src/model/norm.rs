@@ -1,0 +1,231 @@
+//! The normalisation after each convolution, followed by ReLU, on either set of
+//! [`Layers`]: batch norm with PyTorch's running statistics (momentum 0.1, unbiased
+//! running variance), or group norm.
+
+use candle::{Tensor, Var, D};
+use candle_nn::{Init, VarBuilder};
+
+use super::config::Norm;
+use super::layers::Layers;
+use crate::Result;
+
+const EPS: f64 = 1e-5;
+const MOMENTUM: f64 = 0.1;
+
+/// Batch normalisation over `(B, H, W)`: batch statistics in training (which also
+/// update the running ones), running statistics in evaluation.
+pub(super) struct BatchNorm {
+    /// Scale `[C]`.
+    weight: Tensor,
+    /// Shift `[C]`.
+    bias: Tensor,
+    /// Running mean `[C]`.
+    running_mean: Var,
+    /// Running (unbiased) variance `[C]`.
+    running_var: Var,
+}
+
+/// Group normalisation: per image, over groups of `C / groups` channels and all pixels.
+pub(super) struct GroupNorm {
+    groups: usize,
+    /// Scale `[C]`.
+    weight: Tensor,
+    /// Shift `[C]`.
+    bias: Tensor,
+}
+
+/// One normalisation layer of the network.
+pub(super) enum NormLayer {
+    Batch(BatchNorm),
+    Group(GroupNorm),
+}
+
+impl NormLayer {
+    /// The layer's tensors under `vb` (`weight`, `bias`, and for batch norm
+    /// `running_mean`, `running_var`).
+    pub(super) fn new(norm: Norm, channels: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        Ok(match norm {
+            Norm::Batch => {
+                let stat = |name: &str, v: f64| -> Result<Var> {
+                    let t = vb.get_with_hints(channels, name, Init::Const(v))?;
+                    Ok(Var::from_tensor(&t)?)
+                };
+                NormLayer::Batch(BatchNorm {
+                    weight,
+                    bias,
+                    running_mean: stat("running_mean", 0.0)?,
+                    running_var: stat("running_var", 1.0)?,
+                })
+            }
+            Norm::Group { groups } => NormLayer::Group(GroupNorm {
+                groups,
+                weight,
+                bias,
+            }),
+        })
+    }
+
+    /// `relu(norm(x))` of activations of `layers`.
+    pub(super) fn forward_relu_t(
+        &self,
+        layers: Layers,
+        x: &Tensor,
+        train: bool,
+    ) -> candle::Result<Tensor> {
+        match self {
+            NormLayer::Batch(bn) => bn.forward_relu_t(layers, x, train),
+            NormLayer::Group(gn) => gn.forward(layers, x)?.relu(),
+        }
+    }
+}
+
+impl BatchNorm {
+    fn forward_relu_t(&self, layers: Layers, x: &Tensor, train: bool) -> candle::Result<Tensor> {
+        let c = self.weight.elem_count();
+        let n = x.elem_count() / c.max(1);
+        if !train {
+            // x · s + t with s = γ / √(running σ² + ε), t = β − running μ · s.
+            let rm = self.running_mean.as_detached_tensor();
+            let rv = self.running_var.as_detached_tensor();
+            let scale = (rv + EPS)?.sqrt()?.recip()?.mul(&self.weight)?;
+            let shift = (&self.bias - rm.mul(&scale)?)?;
+            return x
+                .broadcast_mul(&layers.per_channel(&scale)?)?
+                .broadcast_add(&layers.per_channel(&shift)?)?
+                .relu();
+        }
+        match layers {
+            Layers::Fused => {
+                let (y, moments) =
+                    fused_cpu_layers::batch_norm_relu(x, &self.weight, &self.bias, EPS)?;
+                let dev = x.device();
+                let mean = Tensor::from_vec(moments.mean, c, dev)?;
+                let var = Tensor::from_vec(moments.var, c, dev)?;
+                self.update_running(&mean, &var, n)?;
+                Ok(y)
+            }
+            Layers::Candle => {
+                let dims = (0, 2, 3);
+                let mean = x.mean_keepdim(dims)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(dims)?;
+                self.update_running(
+                    &mean.detach().flatten_all()?,
+                    &var.detach().flatten_all()?,
+                    n,
+                )?;
+                let scale = (var + EPS)?
+                    .sqrt()?
+                    .recip()?
+                    .broadcast_mul(&layers.per_channel(&self.weight)?)?;
+                xc.broadcast_mul(&scale)?
+                    .broadcast_add(&layers.per_channel(&self.bias)?)?
+                    .relu()
+            }
+        }
+    }
+
+    /// PyTorch's running averages from a batch's mean and biased variance `[C]` over
+    /// `n` values per channel (the variance made unbiased).
+    fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> candle::Result<()> {
+        let unbiased = n as f64 / (n.max(2) - 1) as f64;
+        let m = MOMENTUM;
+        let rm = ((self.running_mean.as_detached_tensor() * (1.0 - m))? + (mean * m)?)?;
+        let rv = ((self.running_var.as_detached_tensor() * (1.0 - m))? + (var * (m * unbiased))?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)
+    }
+}
+
+impl GroupNorm {
+    /// Normalises activations of `layers` (candle ops on both: the fused layers' `[C, B,
+    /// H, W]` goes through `[B, C, H, W]` and back).
+    fn forward(&self, layers: Layers, x: &Tensor) -> candle::Result<Tensor> {
+        let nchw = layers.leave(x)?;
+        let (b, c, h, w) = nchw.dims4()?;
+        let g = self.groups;
+        let grouped = nchw.reshape((b, g, (c / g) * h * w))?;
+        let mean = grouped.mean_keepdim(D::Minus1)?;
+        let xc = grouped.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xc
+            .broadcast_div(&(var + EPS)?.sqrt()?)?
+            .reshape((b, c, h, w))?
+            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+        layers.enter(&normed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::{DType, Device, Module, ModuleT};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    fn batch_norm(dev: &Device) -> BatchNorm {
+        BatchNorm {
+            weight: Tensor::randn(1f32, 0.5, 4, dev).unwrap(),
+            bias: Tensor::randn(0f32, 0.5, 4, dev).unwrap(),
+            running_mean: Var::zeros(4, DType::F32, dev).unwrap(),
+            running_var: Var::ones(4, DType::F32, dev).unwrap(),
+        }
+    }
+
+    #[test]
+    fn candle_batch_norm_matches_candle_nn_in_both_modes() {
+        let dev = Device::Cpu;
+        let ours = batch_norm(&dev);
+        let reference = candle_nn::BatchNorm::new(
+            4,
+            Tensor::zeros(4, DType::F32, &dev).unwrap(),
+            Tensor::ones(4, DType::F32, &dev).unwrap(),
+            ours.weight.clone(),
+            ours.bias.clone(),
+            EPS,
+        )
+        .unwrap();
+        let x = Tensor::randn(1f32, 2., (3, 4, 5, 6), &dev).unwrap();
+        let r = reference.forward_t(&x, true).unwrap().relu().unwrap();
+        let o = ours.forward_relu_t(Layers::Candle, &x, true).unwrap();
+        assert!(max_diff(&r, &o) < 1e-5);
+        assert!(max_diff(reference.running_mean(), ours.running_mean.as_tensor()) < 1e-6);
+        assert!(max_diff(reference.running_var(), ours.running_var.as_tensor()) < 1e-5);
+        let r = reference.forward_t(&x, false).unwrap().relu().unwrap();
+        let o = ours.forward_relu_t(Layers::Candle, &x, false).unwrap();
+        assert!(max_diff(&r, &o) < 1e-5);
+    }
+
+    #[test]
+    fn group_norm_matches_candle_nn_on_both_layouts() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(1f32, 2., (3, 4, 5, 6), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., 4, &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., 4, &dev).unwrap();
+        let reference = candle_nn::GroupNorm::new(w.clone(), b.clone(), 4, 2, EPS).unwrap();
+        let want = reference.forward(&x).unwrap();
+        let ours = GroupNorm {
+            groups: 2,
+            weight: w,
+            bias: b,
+        };
+        let candle = ours.forward(Layers::Candle, &x).unwrap();
+        assert!(max_diff(&want, &candle) < 1e-4);
+        let fused = ours
+            .forward(Layers::Fused, &Layers::Fused.enter(&x).unwrap())
+            .unwrap();
+        assert!(max_diff(&want, &Layers::Fused.leave(&fused).unwrap()) < 1e-4);
+    }
+}
