@@ -75,7 +75,7 @@ impl DeviceChoice {
             DeviceChoice::Cuda(n) => {
                 if !candle::utils::cuda_is_available() {
                     return Err(Error::DeviceUnavailable(format!(
-                        "cuda:{n} was requested but this binary was built without CUDA support; rebuild with `--features cuda` (e.g. `cargo run --release -p unet-example --features cuda -- ...`)"
+                        "cuda:{n} was requested but this binary was built without CUDA support; rebuild with `--features cudnn` (candle's convolutions on cuDNN; `--features cuda` without it), e.g. `cargo run --release -p unet-example --features cudnn -- ...`"
                     )));
                 }
                 Device::new_cuda(n).map_err(|e| {
