@@ -15,7 +15,8 @@ use crate::{Error, Result};
 /// DejaVu Sans 2.37 (Debian's fonts-dejavu-core; licence in `assets/`).
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
-fn register_font() -> std::result::Result<(), String> {
+/// Registers the embedded font as plotters' "sans-serif" (once).
+pub(crate) fn register_font() -> std::result::Result<(), String> {
     static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {

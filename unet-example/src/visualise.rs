@@ -1,12 +1,14 @@
 //! Colourised predictions as PNG: grids of image | ground truth | prediction for a data
-//! set (the rows chosen by [`spread`]), and a mask for a single image file.
+//! set (the rows chosen by [`spread`]), titled, with a legend of the classes' colours;
+//! and a mask for a single image file.
 
 use std::path::Path;
 
 use datasets::{mask_to_rgb, Dataset, Sample};
 use image::{ImageBuffer, Rgb, RgbImage};
+use plotters::prelude::*;
 
-use crate::data::Normalisation;
+use crate::data::{DataInfo, Normalisation};
 use crate::eval::predict_samples;
 use crate::model::UNet;
 use crate::{Error, Result};
@@ -26,16 +28,23 @@ pub fn spread(n: usize, k: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The column titles of a prediction grid.
+const TITLES: [&str; 3] = ["image", "ground truth", "prediction"];
+/// Height of the title band and of a legend line, in pixels.
+const LINE: u32 = 22;
+
 /// Writes a PNG with one row per index of `dataset`: the image, the ground-truth mask
-/// and the model's prediction, masks coloured with `palette` (void in VOC's beige).
+/// and the model's prediction under the column titles, masks coloured with `data`'s
+/// palette (void in VOC's beige), and a legend of every class's colour and name below.
 pub fn prediction_grid(
     model: &UNet,
     dataset: &dyn Dataset,
     indices: &[usize],
     norm: &Normalisation,
-    palette: &[[u8; 3]],
+    data: &DataInfo,
     path: &Path,
 ) -> Result<()> {
+    let palette = &data.palette;
     let samples = indices
         .iter()
         .map(|&i| dataset.get(i))
@@ -53,7 +62,20 @@ pub fn prediction_grid(
             ]
         })
         .collect();
-    let grid = tile(&rows);
+    let (grid, col_w) = tile(&rows);
+    let mut legend: Vec<(&str, [u8; 3])> = data
+        .class_names
+        .iter()
+        .map(String::as_str)
+        .zip(palette.iter().copied())
+        .collect();
+    if samples.iter().any(|s| s.mask.contains(&datasets::VOID)) {
+        legend.push(("void (not scored)", datasets::VOID_COLOUR));
+    }
+    let grid = annotate(&grid, col_w, &legend).map_err(|message| Error::Plot {
+        path: path.to_path_buf(),
+        message,
+    })?;
     grid.save(path).map_err(|source| Error::Image {
         path: path.to_path_buf(),
         source,
@@ -150,8 +172,9 @@ fn rgb_panel(w: u32, h: u32, rgb: Vec<u8>) -> RgbImage {
     ImageBuffer::from_raw(w, h, rgb).unwrap_or_else(|| RgbImage::new(w, h))
 }
 
-/// Lays rows of panels out on a white canvas, enlarging small panels.
-fn tile(rows: &[[RgbImage; 3]]) -> RgbImage {
+/// Lays rows of panels out on a white canvas, enlarging small panels; also returns the
+/// width of a column.
+fn tile(rows: &[[RgbImage; 3]]) -> (RgbImage, u32) {
     let max_side = rows
         .iter()
         .flatten()
@@ -181,7 +204,57 @@ fn tile(rows: &[[RgbImage; 3]]) -> RgbImage {
         }
         y0 += h + GAP;
     }
-    canvas
+    (canvas, col_w)
+}
+
+/// `grid` (columns `col_w` wide) under a band of [`TITLES`], above a legend of
+/// `(class name, colour)` swatches wrapped to the grid's width.
+fn annotate(
+    grid: &RgbImage,
+    col_w: u32,
+    legend: &[(&str, [u8; 3])],
+) -> std::result::Result<RgbImage, String> {
+    crate::plot::register_font()?;
+    let font = ("sans-serif", 14).into_font();
+    let text_w = |s: &str| font.box_size(s).map(|(w, _)| w).map_err(|e| e.to_string());
+    // The legend's layout: a 14-pixel swatch, its name, wrapped at the grid's width.
+    let width = grid.width();
+    let (mut x, mut y) = (GAP, 0);
+    let mut places = Vec::with_capacity(legend.len());
+    for (name, _) in legend {
+        let w = 14 + 5 + text_w(name)? + 16;
+        if x > GAP && x + w > width {
+            (x, y) = (GAP, y + LINE);
+        }
+        places.push((x, y));
+        x += w;
+    }
+    let legend_h = if legend.is_empty() { 0 } else { y + LINE + GAP };
+    let height = LINE + grid.height() + legend_h;
+    let mut canvas = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
+    image::imageops::replace(&mut canvas, grid, 0, LINE as i64);
+    let mut buf = canvas.into_raw();
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
+        let err = |e: DrawingAreaErrorKind<_>| e.to_string();
+        let style = font.color(&BLACK);
+        for (c, title) in TITLES.iter().enumerate() {
+            let x0 = GAP + c as u32 * (col_w + GAP) + col_w.saturating_sub(text_w(title)?) / 2;
+            root.draw_text(title, &style, (x0 as i32, 4)).map_err(err)?;
+        }
+        let top = (LINE + grid.height()) as i32;
+        for ((name, [r, g, b]), (x, y)) in legend.iter().zip(places) {
+            let (x, y) = (x as i32, top + y as i32);
+            let swatch = [(x, y + 3), (x + 14, y + 17)];
+            root.draw(&Rectangle::new(swatch, RGBColor(*r, *g, *b).filled()))
+                .map_err(err)?;
+            root.draw(&Rectangle::new(swatch, BLACK.mix(0.5).stroke_width(1)))
+                .map_err(err)?;
+            root.draw_text(name, &style, (x + 19, y + 2)).map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    RgbImage::from_raw(width, height, buf).ok_or_else(|| "buffer size mismatch".to_string())
 }
 
 #[cfg(test)]
@@ -198,12 +271,59 @@ mod tests {
     #[test]
     fn tile_enlarges_and_spaces_panels() {
         let p = RgbImage::from_pixel(8, 4, Rgb([1, 2, 3]));
-        let grid = tile(&[[p.clone(), p.clone(), p.clone()], [p.clone(), p.clone(), p]]);
+        let (grid, col_w) = tile(&[[p.clone(), p.clone(), p.clone()], [p.clone(), p.clone(), p]]);
         let f = MIN_PANEL.div_ceil(8) as u32;
         assert_eq!(grid.width(), 3 * 8 * f + 4 * GAP);
         assert_eq!(grid.height(), 2 * 4 * f + 3 * GAP);
         assert_eq!(grid.get_pixel(GAP, GAP), &Rgb([1, 2, 3]));
         assert_eq!(grid.get_pixel(0, 0), &Rgb([255, 255, 255]));
+        assert_eq!(col_w, 8 * f);
+    }
+
+    #[test]
+    fn the_grid_has_titles_and_a_legend_of_every_class() {
+        let p = RgbImage::from_pixel(40, 30, Rgb([1, 2, 3]));
+        let (grid, col_w) = tile(&[[p.clone(), p.clone(), p]]);
+        let names = [
+            "background",
+            "caudate",
+            "putamen",
+            "pallidum",
+            "thalamus",
+            "vermis",
+        ];
+        let colours = [
+            [0, 0, 0],
+            [230, 25, 75],
+            [60, 180, 75],
+            [0, 130, 200],
+            [245, 130, 48],
+            [145, 30, 180],
+        ];
+        let legend: Vec<(&str, [u8; 3])> = names.into_iter().zip(colours).collect();
+        let out = annotate(&grid, col_w, &legend).unwrap();
+        assert_eq!(out.width(), grid.width());
+        assert!(
+            out.height() >= grid.height() + 2 * LINE,
+            "a title band and a legend"
+        );
+        // The grid sits under the title band, whose text darkens some pixels.
+        assert_eq!(out.get_pixel(GAP, LINE + GAP), &Rgb([1, 2, 3]));
+        let dark = |y0: u32, y1: u32| {
+            (y0..y1)
+                .flat_map(|y| (0..out.width()).map(move |x| (x, y)))
+                .filter(|&(x, y)| out.get_pixel(x, y)[0] < 128)
+                .count()
+        };
+        assert!(dark(0, LINE) > 20, "no title text");
+        // Every class's swatch shows its colour.
+        let top = LINE + grid.height();
+        for [r, g, b] in colours {
+            let found = (top..out.height())
+                .flat_map(|y| (0..out.width()).map(move |x| (x, y)))
+                .any(|(x, y)| out.get_pixel(x, y) == &Rgb([r, g, b]));
+            assert!(found, "no swatch of colour {r},{g},{b}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The U-Net example's fused CPU layers: f32 autograd ops for candle on the CPU, in a
 //! channel-first layout, `[C, B, H, W]`, where every 3×3 convolution is one matrix
-//! product over the whole batch (`[O, 9C] × [9C, B·H·W]`, or a direct AVX2 kernel) and
+//! product over the whole batch (`[O, 9C] × [9C, B·H·W]`, or a direct AVX-512 / AVX2
+//! kernel) and
 //! batch norm reduces contiguous rows.
 //!
 //! Each layer is a single autograd node with a hand-written backward pass: the 3×3

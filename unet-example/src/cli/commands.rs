@@ -211,14 +211,7 @@ fn predict(args: PredictArgs) -> Result<()> {
             .join(format!("predictions-{}.png", args.split))
     });
     let indices = visualise::spread(ds.len(), args.count);
-    visualise::prediction_grid(
-        &model,
-        &*ds,
-        &indices,
-        &run.normalisation,
-        &run.data.palette,
-        &out,
-    )?;
+    visualise::prediction_grid(&model, &*ds, &indices, &run.normalisation, &run.data, &out)?;
     println!(
         "wrote {} (rows: {} {} images; columns: image | ground truth | prediction)",
         out.display(),

@@ -83,7 +83,7 @@ impl UNetConfig {
             return bad("base width must be at least 1".to_string());
         }
         if let Norm::Group { groups } = self.norm {
-            if groups == 0 || self.base_width % groups != 0 {
+            if groups == 0 || !self.base_width.is_multiple_of(groups) {
                 return bad(format!(
                     "group norm with {groups} groups needs a base width divisible by {groups}, got {}",
                     self.base_width

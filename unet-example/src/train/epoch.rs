@@ -89,7 +89,9 @@ impl Trainer {
     fn validates(&self, e: usize) -> bool {
         let n = e + 1;
         let cfg = &self.run.train;
-        n % self.options.val_every.max(1) == 0 || n == cfg.epochs || cfg.switch_epoch() == Some(n)
+        n.is_multiple_of(self.options.val_every.max(1))
+            || n == cfg.epochs
+            || cfg.switch_epoch() == Some(n)
     }
 
     /// One epoch; `false` if a stop option interrupted it (nothing saved).

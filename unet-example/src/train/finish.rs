@@ -96,7 +96,7 @@ impl Trainer {
                 &*self.splits.val,
                 &indices,
                 &self.run.normalisation,
-                &self.run.data.palette,
+                &self.run.data,
                 &dir.join(PREDICTIONS_FILE),
             )?;
         }
