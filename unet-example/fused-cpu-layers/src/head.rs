@@ -7,9 +7,8 @@
 use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, threads_for, View};
 use super::im2col::{f32_slice, split_flat};
-use super::sums::lane_sum;
+use super::sums::{lane_dot, lane_sum};
 
 /// `x` `[C, B, H, W]`, `weight` `[K, C, 1, 1]`, `bias` `[K]` (f32, CPU) → `[B, K, H, W]`.
 pub(crate) fn head_cpu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle::Result<Tensor> {
@@ -51,26 +50,17 @@ impl CustomOp3 for Head {
         let x = f32_slice(sx, lx, "head")?;
         let w = f32_slice(sw, lw, "head")?;
         let bias = f32_slice(sb, lb, "head")?;
-        // Per image: Y_b [K, P] = bias + W [K, C] · X_b [C, P] (X_b's rows B·P apart).
         let mut y = vec![0f32; b * k * p];
-        y.par_chunks_mut(p.max(1))
-            .enumerate()
-            .for_each(|(row, y)| y.fill(bias[row % k]));
-        for (bi, yb) in y.chunks_mut((k * p).max(1)).enumerate() {
-            let xb = View {
-                data: &x[bi * p..],
-                rs: b * p,
-                cs: 1,
-            };
-            matmul(
-                yb,
-                (k, p, c),
-                View::rows(w, c),
-                xb,
-                true,
-                threads_for(k * c * p),
-            )?;
-        }
+        // One task per (image, class) row of the output.
+        y.par_chunks_mut(p.max(1)).enumerate().for_each(|(row, y)| {
+            let (bi, ki) = (row / k, row % k);
+            y.fill(bias[ki]);
+            for ci in 0..c {
+                let wv = w[ki * c + ci];
+                let xr = &x[(ci * b + bi) * p..][..p];
+                y.iter_mut().zip(xr).for_each(|(y, &v)| *y += wv * v);
+            }
+        });
         let (_, _, h, wd) = lx.shape().dims4()?;
         Ok((CpuStorage::F32(y), Shape::from((b, k, h, wd))))
     }
@@ -126,24 +116,28 @@ impl CustomOp2 for HeadParamGrad {
         let p = h * w;
         let g = f32_slice(sg, lg, "head backward")?;
         let x = f32_slice(sx, lx, "head backward")?;
-        // ∂L/∂w [K, C] = Σ_b G_b [K, P] · X_bᵀ [P, C]: one product per image, summed.
+        // Per class: Σ_{b,p} g·x for each channel and Σ g (lane sums, f64 totals).
+        let rows: Vec<Vec<f64>> = (0..k)
+            .into_par_iter()
+            .map(|ki| {
+                let mut acc = vec![0f64; c + 1];
+                for bi in 0..b {
+                    let gr = &g[(bi * k + ki) * p..][..p];
+                    for ci in 0..c {
+                        let xr = &x[(ci * b + bi) * p..][..p];
+                        acc[ci] += lane_dot(gr, xr);
+                    }
+                    acc[c] += lane_sum(gr, |v| v);
+                }
+                acc
+            })
+            .collect();
         let mut out = vec![0f32; k * c + k];
-        let (dw, db) = out.split_at_mut(k * c);
-        for bi in 0..b {
-            let gb = View::rows(&g[bi * k * p..][..k * p], p);
-            let xt = View {
-                data: &x[bi * p..],
-                rs: 1,
-                cs: b * p,
-            };
-            matmul(dw, (k, c, p), gb, xt, bi > 0, threads_for(k * c * p))?;
-        }
-        // ∂L/∂bias[k] = Σ_{b,p} g[b, k, p] (lane sums, f64 totals).
-        for (ki, db) in db.iter_mut().enumerate() {
-            let total: f64 = (0..b)
-                .map(|bi| lane_sum(&g[(bi * k + ki) * p..][..p], |v| v))
-                .sum();
-            *db = total as f32;
+        for (ki, acc) in rows.iter().enumerate() {
+            for ci in 0..c {
+                out[ki * c + ci] = acc[ci] as f32;
+            }
+            out[k * c + ki] = acc[c] as f32;
         }
         Ok((CpuStorage::F32(out), Shape::from(k * c + k)))
     }

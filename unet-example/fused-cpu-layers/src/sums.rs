@@ -43,6 +43,11 @@ pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     lane_sums(x, x, |v, _| [f(v)])[0]
 }
 
+/// `Σ a[i]·b[i]`.
+pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f64 {
+    lane_sums(a, b, |x, y| [x * y])[0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,6 +60,7 @@ mod tests {
         let plain: f64 = a.iter().map(|&v| v as f64).sum();
         assert!((lane_sum(&a, |v| v) - plain).abs() < 1e-6 * plain.abs().max(1.0));
         let dot: f64 = a.iter().zip(&b).map(|(&x, &y)| (x * y) as f64).sum();
+        assert!((lane_dot(&a, &b) - dot).abs() < 1e-6 * dot.abs().max(1.0));
         let [s, q] = lane_sums(&a, &b, |x, y| [x, x * y]);
         assert!((s - plain).abs() < 1e-6 * plain.abs().max(1.0));
         assert!((q - dot).abs() < 1e-6 * dot.abs().max(1.0));

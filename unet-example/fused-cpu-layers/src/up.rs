@@ -7,9 +7,8 @@
 use candle::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, threads_for, View};
 use super::im2col::{f32_slice, split_flat};
-use super::sums::lane_sum;
+use super::sums::{lane_dot, lane_sum};
 
 /// `x` `[C, B, H, W]`, `weight` `[C, O, 2, 2]`, `bias` `[O]` (f32, CPU) →
 /// `[O, B, 2H, 2W]`.
@@ -60,40 +59,31 @@ impl CustomOp3 for UpConv {
         let x = f32_slice(sx, lx, "conv_transpose2x2")?;
         let k = f32_slice(sw, lw, "conv_transpose2x2")?;
         let bias = f32_slice(sb, lb, "conv_transpose2x2")?;
-        // Y' [4O, N] = Wᵀ [4O, C] · X [C, N] (the kernel `[C, O, 2, 2]` read as `[C, 4O]`),
-        // then each (o, tap) row interleaved into the output, plus the bias.
-        let n = b * h * w;
-        let mut taps = vec![0f32; 4 * o * n];
-        let wt = View {
-            data: k,
-            rs: 1,
-            cs: 4 * o,
-        };
-        let flops = 4 * o * c * n;
-        matmul(
-            &mut taps,
-            (4 * o, n, c),
-            wt,
-            View::rows(x, n),
-            false,
-            threads_for(flops),
-        )?;
         let mut y = vec![0f32; o * b * 4 * h * w];
         // One task per output plane (o, b).
         y.par_chunks_mut((4 * h * w).max(1))
             .enumerate()
             .for_each(|(plane, y)| {
                 let (oc, bi) = (plane / b, plane % b);
-                let tap = |t: usize| &taps[(oc * 4 + t) * n + bi * h * w..][..h * w];
-                let (t0, t1, t2, t3) = (tap(0), tap(1), tap(2), tap(3));
+                let (mut t0, mut t1) = (vec![0f32; w], vec![0f32; w]);
                 for i in 0..h {
-                    let (top, bottom) = y[2 * i * 2 * w..][..4 * w].split_at_mut(2 * w);
-                    for j in 0..w {
-                        let at = i * w + j;
-                        top[2 * j] = t0[at] + bias[oc];
-                        top[2 * j + 1] = t1[at] + bias[oc];
-                        bottom[2 * j] = t2[at] + bias[oc];
-                        bottom[2 * j + 1] = t3[at] + bias[oc];
+                    for di in 0..2 {
+                        t0.fill(bias[oc]);
+                        t1.fill(bias[oc]);
+                        for ci in 0..c {
+                            let at = ((ci * o + oc) * 2 + di) * 2;
+                            let (w0, w1) = (k[at], k[at + 1]);
+                            let xr = &x[((ci * b + bi) * h + i) * w..][..w];
+                            for ((a, b), &v) in t0.iter_mut().zip(t1.iter_mut()).zip(xr) {
+                                *a += w0 * v;
+                                *b += w1 * v;
+                            }
+                        }
+                        let row = &mut y[(2 * i + di) * 2 * w..][..2 * w];
+                        for (pair, (&a, &b)) in row.chunks_exact_mut(2).zip(t0.iter().zip(&t1)) {
+                            pair[0] = a;
+                            pair[1] = b;
+                        }
                     }
                 }
             });
@@ -152,65 +142,69 @@ impl CustomOp3 for UpConvGrad {
         let x = f32_slice(sx, lx, "conv_transpose2x2 backward")?;
         let k = f32_slice(sw, lw, "conv_transpose2x2 backward")?;
         let hw = h * w;
-        // De-interleaved gradient, one row per (o, tap): gd[o, 2di + dj, b, i, j] =
-        // g[o, b, 2i + di, 2j + dj], so that both products below are plain GEMMs over
-        // the n = B·H·W input positions.
-        let n = b * hw;
+        // De-interleaved gradient: gd[o, b, i, di, dj, j] = g[o, b, 2i + di, 2j + dj].
         let mut gd = vec![0f32; g.len()];
-        gd.par_chunks_mut((4 * n).max(1))
-            .zip(g.par_chunks((4 * n).max(1)))
+        gd.par_chunks_mut((4 * hw).max(1))
+            .zip(g.par_chunks((4 * hw).max(1)))
             .for_each(|(d, s)| {
-                let (d01, d23) = d.split_at_mut(2 * n);
-                let (d0, d1) = d01.split_at_mut(n);
-                let (d2, d3) = d23.split_at_mut(n);
-                for bi in 0..b {
-                    for i in 0..h {
-                        let at = (bi * h + i) * w;
-                        let top = &s[(bi * 2 * h + 2 * i) * 2 * w..][..2 * w];
-                        let bottom = &s[(bi * 2 * h + 2 * i + 1) * 2 * w..][..2 * w];
-                        for (j, (t, u)) in
-                            top.chunks_exact(2).zip(bottom.chunks_exact(2)).enumerate()
-                        {
-                            d0[at + j] = t[0];
-                            d1[at + j] = t[1];
-                            d2[at + j] = u[0];
-                            d3[at + j] = u[1];
+                for i in 0..h {
+                    for di in 0..2 {
+                        let src = &s[(2 * i + di) * 2 * w..][..2 * w];
+                        let (d0, d1) = d[(i * 2 + di) * 2 * w..][..2 * w].split_at_mut(w);
+                        for (j, pair) in src.chunks_exact(2).enumerate() {
+                            d0[j] = pair[0];
+                            d1[j] = pair[1];
                         }
                     }
                 }
             });
-        let nx = c * n;
+        let nx = c * b * hw;
         let mut out = vec![0f32; nx + c * o * 4 + o];
         let (dx, params) = out.split_at_mut(nx);
+        // ∂L/∂x[c, b, i, :] = Σ_{o, di, dj} w[c, o, di, dj] · gd[o, b, i, di, dj, :].
+        dx.par_chunks_mut(hw.max(1))
+            .enumerate()
+            .for_each(|(plane, dx)| {
+                let (ci, bi) = (plane / b, plane % b);
+                for i in 0..h {
+                    let row = &mut dx[i * w..][..w];
+                    for oc in 0..o {
+                        let gr = &gd[((oc * b + bi) * h + i) * 4 * w..][..4 * w];
+                        for (t, gq) in gr.chunks_exact(w).enumerate() {
+                            let wv = k[(ci * o + oc) * 4 + t];
+                            row.iter_mut().zip(gq).for_each(|(d, &v)| *d += wv * v);
+                        }
+                    }
+                }
+            });
+        // ∂L/∂w[c, o, t] = Σ_{b, i} gd[o, b, i, t, :] · x[c, b, i, :]; ∂L/∂bias[o] = Σ g[o].
+        let per_out: Vec<(Vec<f64>, f64)> = (0..o)
+            .into_par_iter()
+            .map(|oc| {
+                let mut acc = vec![0f64; c * 4];
+                for bi in 0..b {
+                    for i in 0..h {
+                        let gr = &gd[((oc * b + bi) * h + i) * 4 * w..][..4 * w];
+                        for ci in 0..c {
+                            let xr = &x[((ci * b + bi) * h + i) * w..][..w];
+                            for (t, gq) in gr.chunks_exact(w).enumerate() {
+                                acc[ci * 4 + t] += lane_dot(gq, xr);
+                            }
+                        }
+                    }
+                }
+                let bias = lane_sum(&g[oc * b * 4 * hw..][..b * 4 * hw], |v| v);
+                (acc, bias)
+            })
+            .collect();
         let (dw, db) = params.split_at_mut(c * o * 4);
-        let flops = c * o * 4 * n;
-        // ∂L/∂x [C, N] = W [C, 4O] · GD [4O, N] (the kernel `[C, O, 2, 2]` is `[C, 4O]`).
-        let gd_rows = View::rows(&gd, n);
-        matmul(
-            dx,
-            (c, n, 4 * o),
-            View::rows(k, 4 * o),
-            gd_rows,
-            false,
-            threads_for(flops),
-        )?;
-        // ∂L/∂w [C, 4O] = X [C, N] · GDᵀ [N, 4O].
-        let gd_t = View {
-            data: &gd,
-            rs: 1,
-            cs: n,
-        };
-        matmul(
-            dw,
-            (c, 4 * o, n),
-            View::rows(x, n),
-            gd_t,
-            false,
-            threads_for(flops),
-        )?;
-        // ∂L/∂bias[o] = Σ g[o] (lane sums, f64 totals).
-        for (oc, db) in db.iter_mut().enumerate() {
-            *db = lane_sum(&g[oc * 4 * n..][..4 * n], |v| v) as f32;
+        for (oc, (acc, bias)) in per_out.iter().enumerate() {
+            for ci in 0..c {
+                for t in 0..4 {
+                    dw[(ci * o + oc) * 4 + t] = acc[ci * 4 + t] as f32;
+                }
+            }
+            db[oc] = *bias as f32;
         }
         Ok((CpuStorage::F32(out), Shape::from(nx + c * o * 4 + o)))
     }
