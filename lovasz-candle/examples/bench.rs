@@ -197,6 +197,7 @@ fn run(args: &Args, x: &Tensor, labels: &Tensor) -> Result<Run> {
             let cfg = LovaszHingeConfig {
                 per_image: args.per_image,
                 ignore_index: None,
+                ..Default::default()
             };
             lovasz_hinge(var.as_tensor(), labels, &cfg)?
         }
@@ -204,6 +205,7 @@ fn run(args: &Args, x: &Tensor, labels: &Tensor) -> Result<Run> {
             let cfg = LovaszSigmoidConfig {
                 per_image: args.per_image,
                 ignore_index: None,
+                ..Default::default()
             };
             lovasz_sigmoid(var.as_tensor(), labels, &cfg)?
         }

@@ -141,6 +141,7 @@ impl BinaryLoss {
                 let cfg = LovaszHingeConfig {
                     per_image: true,
                     ignore_index,
+                    ..Default::default()
                 };
                 lovasz_hinge(logits, labels, &cfg)?
             }
@@ -148,6 +149,7 @@ impl BinaryLoss {
                 let cfg = LovaszSigmoidConfig {
                     per_image: false,
                     ignore_index,
+                    ..Default::default()
                 };
                 lovasz_sigmoid(&candle_nn::ops::sigmoid(logits)?, labels, &cfg)?
             }

@@ -3,7 +3,7 @@
 
 use candle::{bail, Result, Tensor};
 
-use crate::config::{LovaszHingeConfig, LovaszSigmoidConfig, Reduction};
+use crate::config::{LovaszHingeConfig, LovaszSigmoidConfig};
 use crate::extension::{LossSpec, Prepared};
 use crate::input::{check_label_dims, check_not_empty, upcast, HostLabels};
 use crate::kernel::{ChannelOrder, ClassEntry, ErrorKind, Selection};
@@ -82,12 +82,13 @@ pub fn lovasz_hinge(logits: &Tensor, labels: &Tensor, cfg: &LovaszHingeConfig) -
         ErrorKind::Hinge,
         "lovasz_hinge labels",
     )?
-    .loss(Reduction::Mean)
+    .loss(cfg.reduction)
 }
 
 /// The weights `W` of the Lovász hinge: a detached tensor with the shape of `logits`
-/// (f32, or f64 for f64 input) with `lovasz_hinge = Σ W ⊙ relu(1 - logits (2y - 1))`.
-/// Same arguments and checks as [`lovasz_hinge`].
+/// (f32, or f64 for f64 input) with `lovasz_hinge = Σ W ⊙ relu(1 - logits (2y - 1))`
+/// (with `Reduction::None`, each image's loss is the sum over its own pixels). Same
+/// arguments and checks as [`lovasz_hinge`].
 pub fn lovasz_hinge_weights(
     logits: &Tensor,
     labels: &Tensor,
@@ -101,7 +102,7 @@ pub fn lovasz_hinge_weights(
         ErrorKind::Hinge,
         "lovasz_hinge labels",
     )?
-    .weights(Reduction::Mean)?
+    .weights(cfg.reduction)?
     .reshape(logits.shape())
 }
 
@@ -156,5 +157,41 @@ pub fn lovasz_sigmoid(
         ErrorKind::Abs,
         "lovasz_sigmoid labels",
     )?
-    .loss(Reduction::Mean)
+    .loss(cfg.reduction)
+}
+
+/// The weights `W` of the Lovász-Sigmoid: a detached tensor with the shape of `probas`
+/// (f32, or f64 for f64 input) with `lovasz_sigmoid = Σ W ⊙ |y − p|` (with
+/// `Reduction::None`, each image's loss is the sum over its own pixels). Same arguments
+/// and checks as [`lovasz_sigmoid`].
+///
+/// ```
+/// # fn main() -> candle::Result<()> {
+/// use candle::{Device, Tensor};
+/// use lovasz_candle::{lovasz_sigmoid, lovasz_sigmoid_weights, LovaszSigmoidConfig};
+/// let p = Tensor::new(&[[0.9f32, 0.2, 0.6, 0.1]], &Device::Cpu)?;
+/// let y = Tensor::new(&[[1u8, 0, 0, 1]], &Device::Cpu)?;
+/// let cfg = LovaszSigmoidConfig::default();
+/// let w = lovasz_sigmoid_weights(&p, &y, &cfg)?;
+/// let errors = (y.to_dtype(candle::DType::F32)? - &p)?.abs()?;
+/// let via_weights = (w * errors)?.sum_all()?.to_scalar::<f32>()?;
+/// let loss = lovasz_sigmoid(&p, &y, &cfg)?.to_scalar::<f32>()?;
+/// assert!((via_weights - loss).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
+pub fn lovasz_sigmoid_weights(
+    probas: &Tensor,
+    labels: &Tensor,
+    cfg: &LovaszSigmoidConfig,
+) -> Result<Tensor> {
+    prepare_binary(
+        probas,
+        labels,
+        cfg.per_image,
+        cfg.ignore_index,
+        ErrorKind::Abs,
+        "lovasz_sigmoid labels",
+    )?
+    .weights(cfg.reduction)?
+    .reshape(probas.shape())
 }

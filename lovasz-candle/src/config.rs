@@ -63,6 +63,10 @@ pub struct LovaszHingeConfig {
     pub per_image: bool,
     /// Label value of void pixels.
     pub ignore_index: Option<u32>,
+    /// How per-image losses are combined (only matters with `per_image`): the mean (the
+    /// reference's), the sum, or none (one loss per image, `[B]`). The multilabel hinge
+    /// applies it per channel, then averages over channels.
+    pub reduction: Reduction,
 }
 
 impl Default for LovaszHingeConfig {
@@ -70,6 +74,7 @@ impl Default for LovaszHingeConfig {
         Self {
             per_image: true,
             ignore_index: None,
+            reduction: Reduction::Mean,
         }
     }
 }
@@ -82,4 +87,7 @@ pub struct LovaszSigmoidConfig {
     pub per_image: bool,
     /// Label value of void pixels.
     pub ignore_index: Option<u32>,
+    /// How per-image losses are combined (only matters with `per_image`), as for
+    /// [`LovaszHingeConfig::reduction`].
+    pub reduction: Reduction,
 }

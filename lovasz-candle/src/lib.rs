@@ -26,8 +26,8 @@
 //! [example](#example) below takes the loss and its gradient; the repository's
 //! `examples/own_training_loop.rs` trains a small candle-nn model with both.
 //! [`metrics`] has the IoU and a [`ConfusionMatrix`](metrics::ConfusionMatrix) for the
-//! mean IoU over a data set; [`lovasz_softmax_weights`], [`lovasz_hinge_weights`] and
-//! [`lovasz_grad`] expose the loss's parts, and [`metrics::FineGrainedIou`] the per-image
+//! mean IoU over a data set; [`lovasz_softmax_weights`], [`lovasz_hinge_weights`],
+//! [`lovasz_sigmoid_weights`] and [`lovasz_grad`] expose the loss's parts, and [`metrics::FineGrainedIou`] the per-image
 //! mIoU of Wang et al. (NeurIPS 2023).
 //!
 //! Coming from the authors' PyTorch or TensorFlow code, segmentation_models_pytorch,
@@ -122,7 +122,10 @@ mod softmax_nll;
 mod test_rng;
 
 pub use bce::binary_xloss;
-pub use binary::{lovasz_hinge, lovasz_hinge_multilabel, lovasz_hinge_weights, lovasz_sigmoid};
+pub use binary::{
+    lovasz_hinge, lovasz_hinge_multilabel, lovasz_hinge_weights, lovasz_sigmoid,
+    lovasz_sigmoid_weights,
+};
 pub use config::{Classes, LovaszHingeConfig, LovaszSigmoidConfig, LovaszSoftmaxConfig, Reduction};
 pub use cross_entropy::{cross_entropy, CrossEntropyConfig};
 #[doc(hidden)]

@@ -115,6 +115,7 @@ fn binary_losses() -> Result<()> {
         let hinge = LovaszHingeConfig {
             per_image,
             ignore_index: Some(255),
+            ..Default::default()
         };
         assert_same("hinge", &logits, &labels, &|x, y| {
             lovasz_hinge(x, y, &hinge)
@@ -125,6 +126,7 @@ fn binary_losses() -> Result<()> {
         let sigmoid = LovaszSigmoidConfig {
             per_image,
             ignore_index: Some(255),
+            ..Default::default()
         };
         assert_same_from_logits("sigmoid", &logits, &labels, &|x, y| {
             lovasz_sigmoid(&candle_nn::ops::sigmoid(x)?, y, &sigmoid)
@@ -134,6 +136,7 @@ fn binary_losses() -> Result<()> {
     let cfg = LovaszHingeConfig {
         per_image: true,
         ignore_index: Some(255),
+        ..Default::default()
     };
     assert_same("multilabel hinge", &logits, &labels, &|x, y| {
         lovasz_hinge_multilabel(x, y, &cfg)
@@ -156,6 +159,7 @@ fn many_chunks_and_one_large_group() -> Result<()> {
     let hinge = LovaszHingeConfig {
         per_image: false,
         ignore_index: Some(255),
+        ..Default::default()
     };
     assert_same("hinge over 10M pixels", &logits, &labels, &|x, y| {
         lovasz_hinge(x, y, &hinge)

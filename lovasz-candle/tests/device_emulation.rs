@@ -104,6 +104,7 @@ fn binary_losses() -> Result<()> {
         let hinge = LovaszHingeConfig {
             per_image,
             ignore_index: Some(255),
+            ..Default::default()
         };
         assert_same("hinge", &logits, &|x| lovasz_hinge(x, &labels, &hinge))?;
         assert_same("hinge weights", &logits, &|x| {
@@ -112,6 +113,7 @@ fn binary_losses() -> Result<()> {
         let sigmoid = LovaszSigmoidConfig {
             per_image,
             ignore_index: Some(255),
+            ..Default::default()
         };
         let probas = candle_nn::ops::sigmoid(&logits)?;
         assert_same("sigmoid", &probas, &|p| {
@@ -122,6 +124,7 @@ fn binary_losses() -> Result<()> {
     let cfg = LovaszHingeConfig {
         per_image: true,
         ignore_index: Some(255),
+        ..Default::default()
     };
     assert_same("multilabel hinge", &logits, &|x| {
         lovasz_hinge_multilabel(x, &labels, &cfg)

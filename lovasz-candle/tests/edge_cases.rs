@@ -80,12 +80,14 @@ fn all_void_gives_zero_with_zero_gradient() -> Result<()> {
         let hcfg = LovaszHingeConfig {
             per_image,
             ignore_index: Some(255),
+            ..Default::default()
         };
         let (v, g) = value_and_grad(&logits, |x| lovasz_hinge(x, &labels, &hcfg))?;
         assert_eq!((v, max_abs(&g)?), (0.0, 0.0));
         let scfg = LovaszSigmoidConfig {
             per_image,
             ignore_index: Some(255),
+            ..Default::default()
         };
         let (v, g) = value_and_grad(&logits, |x| lovasz_sigmoid(x, &labels, &scfg))?;
         assert_eq!((v, max_abs(&g)?), (0.0, 0.0));
@@ -644,10 +646,12 @@ fn one_job_split_over_threads_gives_the_serial_result_bit_for_bit() -> Result<()
     let hinge = LovaszHingeConfig {
         per_image: false,
         ignore_index: Some(255),
+        ..Default::default()
     };
     let sigmoid = LovaszSigmoidConfig {
         per_image: false,
         ignore_index: Some(255),
+        ..Default::default()
     };
     assert_same_on_1_2_3_threads(|| {
         let mut all = Vec::new();
@@ -765,10 +769,12 @@ fn pruned_split_job_matches_the_definition_and_the_serial_result() -> Result<()>
     let sigmoid = LovaszSigmoidConfig {
         per_image: false,
         ignore_index: Some(255),
+        ..Default::default()
     };
     let hinge = LovaszHingeConfig {
         per_image: false,
         ignore_index: Some(255),
+        ..Default::default()
     };
     assert_same_on_1_2_3_threads(|| {
         let (sv, s_bits) = value_and_grad_bits(&p, |t| lovasz_sigmoid(t, &l, &sigmoid))?;
@@ -817,6 +823,7 @@ fn nan_where_no_job_reads_or_in_a_split_job_gives_nan() -> Result<()> {
     let hinge = LovaszHingeConfig {
         per_image: false,
         ignore_index: None,
+        ..Default::default()
     };
     let loss = on_threads(2, || lovasz_hinge(&x, &l, &hinge))?;
     assert!(loss.to_scalar::<f32>()?.is_nan());

@@ -137,6 +137,7 @@ fn an_all_void_image_counts_zero_in_the_per_image_mean() -> Result<()> {
     let cfg = LovaszHingeConfig {
         per_image: true,
         ignore_index: Some(255),
+        ..Default::default()
     };
     assert_near("hinge", scalar(&lovasz_hinge(&x, &l, &cfg)?)?, 0.5);
     // The same for the softmax (the authors' PyTorch code fails on such an image).

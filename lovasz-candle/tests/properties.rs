@@ -272,10 +272,10 @@ proptest! {
         let bp = p.with_binary_labels();
         let (probas, labels) = p.binary();
         let logits = probas.affine(2.0, -1.0).unwrap();
-        let hinge = scalar(&lovasz_hinge(&logits, &labels, &LovaszHingeConfig { per_image, ignore_index: Some(VOID) }).unwrap());
+        let hinge = scalar(&lovasz_hinge(&logits, &labels, &LovaszHingeConfig { per_image, ignore_index: Some(VOID), ..Default::default() }).unwrap());
         let want = bp.brute_binary(true, per_image);
         prop_assert!((hinge - want).abs() <= 1e-12, "hinge {hinge} vs definition {want}");
-        let sigmoid = scalar(&lovasz_sigmoid(&probas, &labels, &LovaszSigmoidConfig { per_image, ignore_index: Some(VOID) }).unwrap());
+        let sigmoid = scalar(&lovasz_sigmoid(&probas, &labels, &LovaszSigmoidConfig { per_image, ignore_index: Some(VOID), ..Default::default() }).unwrap());
         let want = bp.brute_binary(false, per_image);
         prop_assert!((sigmoid - want).abs() <= 1e-12, "sigmoid {sigmoid} vs definition {want}");
     }
@@ -304,7 +304,7 @@ proptest! {
         errs.push(0.0);
         errs.sort_by(|a, b| a.partial_cmp(b).unwrap());
         prop_assume!(errs.windows(2).all(|w| w[1] - w[0] > 1e-4));
-        let cfg = LovaszHingeConfig { per_image, ignore_index: Some(VOID) };
+        let cfg = LovaszHingeConfig { per_image, ignore_index: Some(VOID), ..Default::default() };
         let shape = (p.b, p.s);
         let x = Tensor::from_vec(logits.clone(), shape, &Device::Cpu).unwrap();
         let grad = gradient(&x, |x| lovasz_hinge(x, &labels, &cfg).unwrap());

@@ -140,6 +140,7 @@ fn check_case(fx: &Fixtures, case: &Value, dtype: DType) -> Result<()> {
                         &LovaszHingeConfig {
                             per_image,
                             ignore_index: ign,
+                            ..Default::default()
                         },
                     )
                 })?,
@@ -150,6 +151,7 @@ fn check_case(fx: &Fixtures, case: &Value, dtype: DType) -> Result<()> {
                         &LovaszSigmoidConfig {
                             per_image,
                             ignore_index: ign,
+                            ..Default::default()
                         },
                     )
                 })?,
