@@ -1,11 +1,12 @@
-//! The Lovász extension as candle tensors: runs the weight kernel on host data and turns
-//! its output into a differentiable loss, or into the weight tensor `W`.
+//! The Lovász extension as candle tensors: runs the weight kernel and turns its output
+//! into a differentiable loss, or into the weight tensor `W`.
 //!
-//! Two paths give the same loss. On the CPU a custom op computes the per-group losses
-//! inside the kernel (in f64) and keeps the coefficients `A` for its backward pass
-//! (`∂loss/∂x = A`). On other devices (and on the CPU when the host-copy path is forced)
-//! the input is copied to the host for the kernel and the loss is `K + Σ A ⊙ x`, a multiply
-//! and a sum on the device.
+//! Two paths give the same loss. On the CPU, and on CUDA with the `cuda` feature
+//! (`cuda.rs`, the device kernel), a custom op computes the per-group losses inside the
+//! kernel and keeps the coefficients `A` for its backward pass (`∂loss/∂x = A`). On other
+//! devices (Metal; and on the CPU when the host-copy path is forced) the input is copied
+//! to the host for the kernel and the loss is `K + Σ A ⊙ x`, a multiply and a sum on the
+//! device.
 
 #[cfg(feature = "cuda")]
 mod cuda;

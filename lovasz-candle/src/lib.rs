@@ -17,7 +17,7 @@
 //! | [`binary_xloss`], [`cross_entropy`] | logits | `binary_xloss`, `F.cross_entropy` |
 //!
 //! `*` stands for any number of spatial dims (none, `H, W`, `D, H, W`). Labels are class
-//! indices (u8, u32 or i64); the configs' `ignore_index` marks void pixels, which are left
+//! indices (u8, u32, i16, i32 or i64); the configs' `ignore_index` marks void pixels, which are left
 //! out, and their `Default` gives the reference's defaults. Bad input (a label out of
 //! range, a shape or dtype mismatch, an empty tensor) is an `Err` that names the problem.
 //!
@@ -27,8 +27,8 @@
 //! `examples/own_training_loop.rs` trains a small candle-nn model with both.
 //! [`metrics`] has the IoU and a [`ConfusionMatrix`](metrics::ConfusionMatrix) for the
 //! mean IoU over a data set; [`lovasz_softmax_weights`], [`lovasz_hinge_weights`],
-//! [`lovasz_sigmoid_weights`] and [`lovasz_grad`] expose the loss's parts, and [`metrics::FineGrainedIou`] the per-image
-//! mIoU of Wang et al. (NeurIPS 2023).
+//! [`lovasz_sigmoid_weights`] and [`lovasz_grad`] expose the loss's parts, and
+//! [`metrics::FineGrainedIou`] the per-image mIoU of Wang et al. (NeurIPS 2023).
 //!
 //! Coming from the authors' PyTorch or TensorFlow code, segmentation_models_pytorch,
 //! mmsegmentation or kornia: [`guide`] maps every option to this crate's calls.
@@ -41,18 +41,21 @@
 //! from `.detach()`ed data (the old `Variable(data)`), in TensorFlow it would sit behind
 //! `tf.stop_gradient`. This crate does the same with weights built outside the graph (as
 //! [`candle::Tensor::detach`] would): a weight tensor `W`, one value per pixel and class
-//! with every class mean, class weight and image mean folded in, is computed on the host
-//! by a parallel sort, and the loss is `Σ W ⊙ errors`. Gradients therefore flow only
+//! with every class mean, class weight and image mean folded in, is computed by a sort
+//! outside the autograd graph, and the loss is `Σ W ⊙ errors`. Gradients therefore flow only
 //! through the errors, exactly as in the reference; [`lovasz_softmax_weights`] returns `W`.
 //!
 //! # Devices and precision
 //!
-//! `W` needs a sort of every class's errors; it is computed on the CPU (rayon over
-//! (group, class) jobs, a radix sort per job, exact integer prefix counts). On the CPU the
-//! loss is one custom op that keeps its coefficients for the backward pass
-//! ([`lovasz_softmax_with_logits`] also folds in the softmax and its Jacobian). On CUDA
-//! or Metal the inputs are copied to the host for the sort and the coefficients copied
-//! back; the loss expression itself, and its backward pass, run on the input's device. Inputs
+//! `W` needs a sort of every class's errors. On the CPU the loss is one custom op (rayon
+//! over (group, class) jobs, a radix sort per job, exact integer prefix counts) that keeps
+//! its coefficients for the backward pass ([`lovasz_softmax_with_logits`] also folds in
+//! the softmax and its Jacobian). With the `cuda` feature the same op runs on CUDA
+//! tensors on the device (`cuda/lovasz.cu`: the keys, a CUB radix sort per chunk of jobs,
+//! the prefix counts and the weights, on candle's stream): the predictions never leave
+//! the device; only the labels are read on the host, to check them. On Metal (no kernel
+//! yet) the inputs are copied to the host for the sort and the coefficients copied back;
+//! the loss expression and its backward pass then run on the input's device. Inputs
 //! may be f16, bf16, f32 or f64: half-precision inputs are upcast to f32 (the loss is
 //! returned in f32), f64 stays f64.
 //!
