@@ -74,15 +74,7 @@ fn prepare_binary(
 /// # Ok(()) }
 /// ```
 pub fn lovasz_hinge(logits: &Tensor, labels: &Tensor, cfg: &LovaszHingeConfig) -> Result<Tensor> {
-    prepare_binary(
-        logits,
-        labels,
-        cfg.per_image,
-        cfg.ignore_index,
-        ErrorKind::Hinge,
-        "lovasz_hinge labels",
-    )?
-    .loss(cfg.reduction)
+    prepare_hinge(logits, labels, cfg)?.loss(cfg.reduction)
 }
 
 /// The weights `W` of the Lovász hinge: a detached tensor with the shape of `logits`
@@ -94,6 +86,13 @@ pub fn lovasz_hinge_weights(
     labels: &Tensor,
     cfg: &LovaszHingeConfig,
 ) -> Result<Tensor> {
+    prepare_hinge(logits, labels, cfg)?
+        .weights(cfg.reduction)?
+        .reshape(logits.shape())
+}
+
+/// The hinge's problem, shared by [`lovasz_hinge`] and [`lovasz_hinge_weights`].
+fn prepare_hinge(logits: &Tensor, labels: &Tensor, cfg: &LovaszHingeConfig) -> Result<Prepared> {
     prepare_binary(
         logits,
         labels,
@@ -101,9 +100,7 @@ pub fn lovasz_hinge_weights(
         cfg.ignore_index,
         ErrorKind::Hinge,
         "lovasz_hinge labels",
-    )?
-    .weights(cfg.reduction)?
-    .reshape(logits.shape())
+    )
 }
 
 /// Multilabel Lovász hinge: one binary hinge per channel, averaged over channels.
@@ -149,15 +146,7 @@ pub fn lovasz_sigmoid(
     labels: &Tensor,
     cfg: &LovaszSigmoidConfig,
 ) -> Result<Tensor> {
-    prepare_binary(
-        probas,
-        labels,
-        cfg.per_image,
-        cfg.ignore_index,
-        ErrorKind::Abs,
-        "lovasz_sigmoid labels",
-    )?
-    .loss(cfg.reduction)
+    prepare_sigmoid(probas, labels, cfg)?.loss(cfg.reduction)
 }
 
 /// The weights `W` of the Lovász-Sigmoid: a detached tensor with the shape of `probas`
@@ -184,6 +173,18 @@ pub fn lovasz_sigmoid_weights(
     labels: &Tensor,
     cfg: &LovaszSigmoidConfig,
 ) -> Result<Tensor> {
+    prepare_sigmoid(probas, labels, cfg)?
+        .weights(cfg.reduction)?
+        .reshape(probas.shape())
+}
+
+/// The Lovász-Sigmoid's problem, shared by [`lovasz_sigmoid`] and
+/// [`lovasz_sigmoid_weights`].
+fn prepare_sigmoid(
+    probas: &Tensor,
+    labels: &Tensor,
+    cfg: &LovaszSigmoidConfig,
+) -> Result<Prepared> {
     prepare_binary(
         probas,
         labels,
@@ -191,7 +192,5 @@ pub fn lovasz_sigmoid_weights(
         cfg.ignore_index,
         ErrorKind::Abs,
         "lovasz_sigmoid labels",
-    )?
-    .weights(cfg.reduction)?
-    .reshape(probas.shape())
+    )
 }

@@ -84,12 +84,10 @@ impl Layers {
         }
     }
 
-    /// Activations back as `[B, C, H, W]` (contiguous).
+    /// Activations back as `[B, C, H, W]` (contiguous): the swap of the first two axes
+    /// is its own inverse, so this is [`Layers::enter`] again.
     pub(super) fn leave(self, x: &Tensor) -> candle::Result<Tensor> {
-        match self {
-            Layers::Fused => x.transpose(0, 1)?.contiguous(),
-            Layers::Candle => Ok(x.clone()),
-        }
+        self.enter(x)
     }
 
     /// A per-channel vector `[C]` shaped to broadcast over the activations.

@@ -153,8 +153,8 @@ impl GroupNorm {
         let normed = xc
             .broadcast_div(&(var + EPS)?.sqrt()?)?
             .reshape((b, c, h, w))?
-            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+            .broadcast_mul(&Layers::Candle.per_channel(&self.weight)?)?
+            .broadcast_add(&Layers::Candle.per_channel(&self.bias)?)?;
         layers.enter(&normed)
     }
 }
