@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use candle::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::channel_softmax::softmax_image;
 use crate::input::VOID;
 use crate::kernel::{ChannelOrder, Real};
 
@@ -51,53 +52,8 @@ struct SoftmaxNll {
     probs: Mutex<Option<Arc<CpuStorage>>>,
 }
 
-/// `e^x` for the softmax: `f64::exp` in f64; in f32 a branch-free Cephes-style
-/// polynomial (range reduction by `ln 2`, degree-7 minimax on `[−ln 2 / 2, ln 2 / 2]`,
-/// within 2 ulp of `f32::exp`) that the compiler turns into vector code.
-pub(crate) trait SoftmaxExp: Real {
-    fn softmax_exp(self) -> Self;
-}
-
-impl SoftmaxExp for f64 {
-    #[inline]
-    fn softmax_exp(self) -> f64 {
-        self.exp()
-    }
-}
-
-impl SoftmaxExp for f32 {
-    #[inline]
-    fn softmax_exp(self) -> f32 {
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
-        // Below ~-87.3 the result is subnormal: flush to 0 (the softmax's terms are ≤ 1).
-        let x = self.clamp(-87.3, 88.0);
-        // Round to nearest by the 1.5·2²³ trick (no libm call, so the loop vectorises).
-        const ROUND: f32 = 12_582_912.0;
-        let n = (x * LOG2E + ROUND) - ROUND;
-        let r = x - n * LN2_HI - n * LN2_LO;
-        let p = 1.987_569_1e-4_f32;
-        let p = p * r + 1.398_199_9e-3;
-        let p = p * r + 8.333_452e-3;
-        let p = p * r + 4.166_579_6e-2;
-        let p = p * r + 0.166_666_65;
-        let p = p * r + 0.5;
-        let e = p * r * r + r + 1.0;
-        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-        let v = e * scale;
-        if self < -87.3 {
-            0.0
-        } else if self.is_nan() {
-            self
-        } else {
-            v
-        }
-    }
-}
-
 /// The softmax of `z` and each pixel's `log Σ e^{z} − z_y` (0 at void pixels).
-fn forward<T: SoftmaxExp>(
+fn forward<T: Real>(
     z: &[T],
     labels: &[u32],
     (_, c_n, s_n): (usize, usize, usize),
@@ -109,10 +65,7 @@ fn forward<T: SoftmaxExp>(
         .zip(z.par_chunks(c_n * s_n))
         .zip(nll.par_chunks_mut(s_n).zip(labels.par_chunks(s_n)))
         .for_each(|((p, z), (nll, labels))| {
-            let (max, sum) = match order {
-                ChannelOrder::First => exp_rows(p, z, s_n),
-                ChannelOrder::Last => exp_pixels(p, z, c_n),
-            };
+            let (max, sum) = softmax_image(p, z, (c_n, s_n), order);
             for (i, ((nll, &y), (&m, &s))) in nll
                 .iter_mut()
                 .zip(labels)
@@ -129,58 +82,6 @@ fn forward<T: SoftmaxExp>(
             }
         });
     (p, nll)
-}
-
-/// One image `[C, S]`: `p = softmax(z)` over the rows, and each pixel's max and
-/// `Σ e^{z − max}`, row by row so that every loop runs along contiguous pixels.
-fn exp_rows<T: SoftmaxExp>(p: &mut [T], z: &[T], s_n: usize) -> (Vec<T>, Vec<T>) {
-    let mut max = z[..s_n].to_vec();
-    for row in z.chunks(s_n).skip(1) {
-        for (m, &v) in max.iter_mut().zip(row) {
-            // NaN propagates: it never compares greater, so keep it once seen.
-            if v > *m || v.is_nan() {
-                *m = v;
-            }
-        }
-    }
-    let mut sum = vec![T::zero(); s_n];
-    for (prow, zrow) in p.chunks_mut(s_n).zip(z.chunks(s_n)) {
-        for (((pv, &zv), &m), s) in prow.iter_mut().zip(zrow).zip(&max).zip(sum.iter_mut()) {
-            *pv = (zv - m).softmax_exp();
-            *s += *pv;
-        }
-    }
-    let inv: Vec<T> = sum.iter().map(|&s| T::one() / s).collect();
-    for prow in p.chunks_mut(s_n) {
-        for (pv, &r) in prow.iter_mut().zip(&inv) {
-            *pv *= r;
-        }
-    }
-    (max, sum)
-}
-
-/// One image `[S, C]`: as [`exp_rows`], pixel by pixel.
-fn exp_pixels<T: SoftmaxExp>(p: &mut [T], z: &[T], c_n: usize) -> (Vec<T>, Vec<T>) {
-    let pixels = z.len() / c_n;
-    let (mut max, mut sum) = (Vec::with_capacity(pixels), Vec::with_capacity(pixels));
-    for (p, z) in p.chunks_mut(c_n).zip(z.chunks(c_n)) {
-        let mut m = z[0];
-        for &v in &z[1..] {
-            if v > m || v.is_nan() {
-                m = v;
-            }
-        }
-        let mut s = T::zero();
-        for (pv, &zv) in p.iter_mut().zip(z) {
-            *pv = (zv - m).softmax_exp();
-            s += *pv;
-        }
-        let r = T::one() / s;
-        p.iter_mut().for_each(|pv| *pv *= r);
-        max.push(m);
-        sum.push(s);
-    }
-    (max, sum)
 }
 
 fn contiguous<'a, T: candle::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -329,19 +230,36 @@ impl CustomOp1 for SoftmaxNllGrad {
 
 #[cfg(test)]
 mod tests {
-    use super::SoftmaxExp;
+    use super::forward;
+    use crate::channel_softmax::softmax;
+    use crate::input::VOID;
+    use crate::kernel::{ChannelOrder, Real};
+
+    /// The cross-entropy's forward pass keeps the probabilities of the one channel
+    /// softmax that the Lovász-Softmax from logits takes: the same bits.
+    fn same_probabilities<T: Real>(scale: f64) {
+        let mut rng = crate::test_rng::Lcg(11);
+        let dims = (3, 5, 37);
+        let n = dims.0 * dims.1 * dims.2;
+        let z: Vec<T> = (0..n)
+            .map(|_| T::from_f64((f64::from(rng.next_f32()) - 0.5) * scale))
+            .collect();
+        let labels: Vec<u32> = (0..dims.0 * dims.2)
+            .map(|i| if i % 7 == 0 { VOID } else { (i % 5) as u32 })
+            .collect();
+        for order in [ChannelOrder::First, ChannelOrder::Last] {
+            let (p, _) = forward(&z, &labels, dims, order);
+            let q = softmax(&z, dims, order);
+            let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&p), bits(&q), "{order:?}");
+        }
+    }
 
     #[test]
-    fn f32_exp_is_within_two_ulp_of_the_standard_one() {
-        let mut worst = 0u32;
-        for i in 0..=200_000 {
-            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
-            let (a, b) = (x.softmax_exp(), x.exp());
-            worst = worst.max(a.to_bits().abs_diff(b.to_bits()));
+    fn cross_entropy_and_the_lovasz_softmax_see_the_same_probabilities() {
+        for scale in [1.0, 30.0, 300.0] {
+            same_probabilities::<f32>(scale);
+            same_probabilities::<f64>(scale);
         }
-        assert!(worst <= 2, "worst difference {worst} ulp");
-        assert_eq!((-100f32).softmax_exp(), 0.0);
-        assert_eq!(0f32.softmax_exp(), 1.0);
-        assert!(f32::NAN.softmax_exp().is_nan());
     }
 }

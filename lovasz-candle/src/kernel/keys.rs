@@ -6,33 +6,26 @@
 //! The pixel index of a group of several images is `image << index_shift(S) | pixel`, in
 //! 30 bits; the bits below it are the slope and foreground bits.
 
-/// A float dtype whose errors can be ranked as packed integers.
-pub(crate) trait Real: candle::WithDType + PartialOrd {
+/// A float dtype's errors packed with their pixels into integer sort keys (a supertrait
+/// of [`Real`](crate::kernel::Real)).
+pub(crate) trait PackedKey: Sized {
     /// (descending error key, pixel index, slope bit, foreground bit) packed so that
     /// ascending integer order is descending error order, ties by ascending index.
     type Packed: Ord + Copy + Send + Sync + 'static;
     fn pack(err: Self, index: u32, slope: bool, fg: bool) -> Self::Packed;
-    /// The high half of [`Real::pack`]'s key, widened to `u64`: ascending order of these
-    /// is descending error order (the total order of IEEE floats, reversed).
+    /// The high half of [`PackedKey::pack`]'s key, widened to `u64`: ascending order of
+    /// these is descending error order (the total order of IEEE floats, reversed).
     fn error_key(err: Self) -> u64;
     /// The pixel index (`< 2^30`), the slope bit and the foreground bit.
     fn unpack(p: Self::Packed) -> (usize, bool, bool);
     /// The error a key was made from.
     fn error(p: Self::Packed) -> Self;
-    /// [`Real::error`] for a key whose error has its sign bit clear (an absolute value,
-    /// NaN included): the same bits, with no select on the sign.
+    /// [`PackedKey::error`] for a key whose error has its sign bit clear (an absolute
+    /// value, NaN included): the same bits, with no select on the sign.
     fn unsigned_error(p: Self::Packed) -> Self;
     /// How many of `keys` are foreground keys, and the largest of those (the smallest
     /// foreground error; meaningless when there are none).
     fn foreground_floor(keys: &[Self::Packed]) -> (u64, Self::Packed);
-    fn exp(self) -> Self;
-    /// `1` if `b`, else `0`, without a branch.
-    fn indicator(b: bool) -> Self;
-    /// `-self` if `b`, else `self`, without a branch (the sign bit flipped).
-    fn neg_if(self, b: bool) -> Self;
-    /// `|self|` (the sign bit cleared).
-    fn abs(self) -> Self;
-    fn is_nan(self) -> bool;
 }
 
 /// The low word of a packed key: index, slope bit, foreground bit.
@@ -46,33 +39,7 @@ fn split_low_word(w: u32) -> (usize, bool, bool) {
     ((w >> 2) as usize, w & 2 != 0, w & 1 != 0)
 }
 
-/// The methods of [`Real`] that are the same for f32 and f64 up to the width of their
-/// bits: `(float, bits of the same width, bits of 1.0)`.
-macro_rules! float_bit_ops {
-    ($t:ty, $bits:ty, $one:expr) => {
-        fn exp(self) -> $t {
-            <$t>::exp(self)
-        }
-        #[inline]
-        fn indicator(b: bool) -> $t {
-            <$t>::from_bits(<$bits>::from(b) * $one)
-        }
-        #[inline]
-        fn neg_if(self, b: bool) -> $t {
-            <$t>::from_bits(self.to_bits() ^ <$bits>::from(b) << (<$bits>::BITS - 1))
-        }
-        #[inline]
-        fn abs(self) -> $t {
-            <$t>::abs(self)
-        }
-        #[inline]
-        fn is_nan(self) -> bool {
-            <$t>::is_nan(self)
-        }
-    };
-}
-
-/// The key methods of [`Real`] for a float whose bits are `$bits`, packed with the low word
+/// The methods of [`PackedKey`] for a float whose bits are `$bits`, packed with the low word
 /// into `$packed` (twice as wide): the error's bits in the high half, the low word of
 /// [`low_word`] in the bottom 32 bits.
 macro_rules! packed_key_ops {
@@ -140,15 +107,13 @@ macro_rules! descending_bits {
 descending_bits!(descending_bits32, f32, u32);
 descending_bits!(descending_bits64, f64, u64);
 
-impl Real for f32 {
+impl PackedKey for f32 {
     type Packed = u64;
-    float_bit_ops!(f32, u32, 0x3f80_0000);
     packed_key_ops!(f32, u32, u64, descending_bits32);
 }
 
-impl Real for f64 {
+impl PackedKey for f64 {
     type Packed = u128;
-    float_bit_ops!(f64, u64, 0x3ff0_0000_0000_0000);
     packed_key_ops!(f64, u64, u128, descending_bits64);
 }
 

@@ -53,10 +53,11 @@ pub(crate) mod jaccard_walk;
 pub(crate) mod keys;
 pub(crate) mod plan;
 pub(crate) mod problem;
+pub(crate) mod real;
 pub(crate) mod segmented;
 
 pub use cpu::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub(crate) use cpu::{solve, HostSort};
 pub(crate) use jaccard_walk::JaccardWalk;
-pub(crate) use keys::Real;
 pub(crate) use problem::{ChannelOrder, ClassEntry, ErrorKind, Output, Problem, Selection, Solved};
+pub(crate) use real::Real;

@@ -2,7 +2,7 @@
 //! ([`Problem`], [`Selection`]), how each pixel's error is formed from its input and
 //! ground truth ([`ErrorKind`]), and the per-pixel output ([`Output`], [`Solved`]).
 
-use crate::kernel::keys::Real;
+use crate::kernel::real::Real;
 
 /// How a pixel's error is formed from its input value `x` and whether it is foreground.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,8 +5,9 @@
 use std::ops::Range;
 
 use crate::input::VOID;
-use crate::kernel::keys::{index_shift, Real};
+use crate::kernel::keys::index_shift;
 use crate::kernel::problem::{ChannelOrder, ErrorKind, Problem};
+use crate::kernel::real::Real;
 /// Writes the keys of the group-local pixels `pixels` (pixel `i` of the group is pixel
 /// `i % S` of image `first_image + i / S`) for one class, in pixel order, at the start
 /// of `out` (at least as long as `pixels`); returns how many were kept, and whether an

@@ -9,9 +9,9 @@ use rayon::prelude::*;
 
 use super::build_keys::keep_in_order;
 use crate::input::VOID;
-use crate::kernel::keys::Real;
 use crate::kernel::plan::Job;
 use crate::kernel::problem::Problem;
+use crate::kernel::real::Real;
 /// Leaves out, in place and in order, the background keys whose error is below
 /// `min_fg` (every foreground error of the group): they sort after the last foreground
 /// pixel, where the Jaccard loss no longer changes, so their weight is exactly 0 (Berman

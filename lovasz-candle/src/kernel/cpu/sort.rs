@@ -8,7 +8,8 @@ use super::buffer::{Cached, ZeroBits};
 use super::partition::{bin_histogram, par_sort_pieces};
 use super::radix::sort_by_high_word;
 use super::sorted::{Sorted, PIECE};
-use crate::kernel::keys::Real;
+use crate::kernel::keys::PackedKey;
+use crate::kernel::real::Real;
 
 /// A float dtype the CPU kernel handles: its keys can be sorted here and kept in the
 /// cache of working buffers, and its zero is all-zero bits (outputs start from fresh
@@ -74,7 +75,11 @@ impl HostSort for f64 {
         Sorted {
             runs: vec![(out.len(), false)],
             flagged: (out.par_chunks(PIECE))
-                .map(|c| c.iter().filter(|&&k| f64::unpack(k).2).count() as u64)
+                .map(|c| {
+                    c.iter()
+                        .filter(|&&k| <f64 as PackedKey>::unpack(k).2)
+                        .count() as u64
+                })
                 .collect(),
         }
     }

@@ -8,9 +8,9 @@ use rayon::prelude::*;
 
 use super::sorted::{SortedKeys, PIECE};
 use crate::kernel::jaccard_walk::JaccardWalk;
-use crate::kernel::keys::Real;
 use crate::kernel::plan::Job;
 use crate::kernel::problem::{ErrorKind, Output, Problem};
+use crate::kernel::real::Real;
 
 /// A job's share of its group's offset `K` and loss.
 #[derive(Default)]

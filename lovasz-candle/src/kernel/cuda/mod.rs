@@ -16,8 +16,8 @@ use candle::cuda_backend::cudarc::driver::{
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{bail, CudaDevice, CudaStorage, Layout, Result};
 
-use super::keys::Real;
 use super::problem::{ChannelOrder, ErrorKind, Output};
+use super::real::Real;
 use super::segmented::{self, Call, Chunk, JobRecord, Primitives};
 use ffi::{check, Dims};
 

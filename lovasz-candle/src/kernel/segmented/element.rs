@@ -4,8 +4,8 @@
 
 use crate::input::VOID;
 use crate::kernel::jaccard_walk::JaccardWalk;
-use crate::kernel::keys::Real;
 use crate::kernel::problem::Output;
+use crate::kernel::real::Real;
 use crate::kernel::segmented::{JobRecord, Shape};
 
 /// Working bytes per chunk element: keys (8) and values (4 in f32, 8 in f64), each twice

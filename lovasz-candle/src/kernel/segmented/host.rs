@@ -8,8 +8,8 @@ use candle::{bail, Result};
 use super::element::{key_of, locate, pixel_of, walk_slot};
 use super::{Call, Chunk, Primitives, WALK_BLOCK};
 use crate::channel_softmax::{softmax, softmax_backward};
-use crate::kernel::keys::Real;
 use crate::kernel::problem::Output;
+use crate::kernel::real::Real;
 
 /// The host backend's arrays: the input, the labels, the working set of the largest
 /// chunk, and the outputs.
