@@ -4,9 +4,9 @@
 use candle::{bail, Result, Tensor};
 
 use crate::config::{LovaszHingeConfig, LovaszSigmoidConfig};
-use crate::extension::{LossSpec, Prepared};
 use crate::input::{check_label_dims, check_not_empty, upcast, HostLabels};
-use crate::kernel::{ChannelOrder, ClassEntry, ErrorKind, Selection};
+use crate::kernel::{Call, ChannelOrder, ClassEntry, ErrorKind, Selection};
+use crate::op::Prepared;
 
 fn prepare_binary(
     x: &Tensor,
@@ -32,20 +32,15 @@ fn prepare_binary(
     let host = HostLabels::new(labels, 2, ignore_index, what)?;
     Ok(Prepared {
         x,
-        dims: (batch, 1, spatial),
-        spec: LossSpec {
-            labels: host.values,
-            per_image,
-            kind,
-            selection: Selection {
-                entries: vec![ClassEntry {
-                    class: 1,
-                    channel: 0,
-                    weight: 1.0,
-                }],
-                only_present: false,
-            },
-            order: ChannelOrder::First,
+        call: Call::new((batch, 1, spatial), ChannelOrder::First, kind, per_image),
+        labels: host.values,
+        selection: Selection {
+            entries: vec![ClassEntry {
+                class: 1,
+                channel: 0,
+                weight: 1.0,
+            }],
+            only_present: false,
         },
     })
 }

@@ -112,13 +112,13 @@ mod binary;
 mod channel_softmax;
 mod config;
 mod cross_entropy;
-mod extension;
 mod fine_grained;
 pub mod guide;
 mod input;
 mod jaccard;
 mod kernel;
 pub mod metrics;
+mod op;
 mod softmax;
 mod softmax_nll;
 #[cfg(test)]

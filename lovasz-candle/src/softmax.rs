@@ -3,9 +3,9 @@
 use candle::{bail, Result, Tensor};
 
 use crate::config::{Classes, LovaszSoftmaxConfig};
-use crate::extension::{has_native_path, LossSpec, Prepared};
 use crate::input::{check_label_dims, check_not_empty, upcast, ClassAxes, HostLabels};
-use crate::kernel::{ChannelOrder, ClassEntry, ErrorKind, Selection};
+use crate::kernel::{Call, ChannelOrder, ClassEntry, ErrorKind, Selection};
+use crate::op::{has_native_path, Prepared};
 
 /// Lovász-Softmax loss: the Lovász extension of the Jaccard loss of each class applied to
 /// the errors `|1[y = c] - p_c|`, averaged over classes (and over images if `per_image`).
@@ -127,19 +127,20 @@ fn prepare(probas: &Tensor, labels: &Tensor, cfg: &LovaszSoftmaxConfig) -> Resul
             }
         }
     };
+    let order = if cfg.channels_last {
+        ChannelOrder::Last
+    } else {
+        ChannelOrder::First
+    };
     Ok(Prepared {
         x,
-        dims: (batch, n_classes, spatial),
-        spec: LossSpec {
-            labels: host.values,
-            per_image: cfg.per_image,
-            kind: ErrorKind::Abs,
-            selection,
-            order: if cfg.channels_last {
-                ChannelOrder::Last
-            } else {
-                ChannelOrder::First
-            },
-        },
+        call: Call::new(
+            (batch, n_classes, spatial),
+            order,
+            ErrorKind::Abs,
+            cfg.per_image,
+        ),
+        labels: host.values,
+        selection,
     })
 }

@@ -15,12 +15,16 @@
 //!
 //! # The path of one call
 //!
-//! [`crate::extension`] describes the loss as a [`Problem`] on host slices and calls
-//! [`solve`], the CPU backend's entry ([`cpu`]):
+//! [`crate::op`] describes the loss as a [`Call`] (the input's dims and layout, the error
+//! kind, the output, the groups), and builds its [`Plan`] once from the call, its classes
+//! ([`Selection`]) and its host labels:
 //!
 //! 1. [`plan`]: the groups, the merged classes, and from the label counts
-//!    ([`cpu::label_counts`]) one job per (group, class) with its foreground count `G`
+//!    ([`label_counts`]) one job per (group, class) with its foreground count `G`
 //!    and the factor on its weights.
+//!
+//! The CPU backend ([`cpu`], entry [`solve`]) then runs the plan's jobs:
+//!
 //! 2. [`cpu::job`], for each job on a rayon thread (or on all of them, split, when
 //!    there are fewer jobs than threads):
 //!    - [`cpu::build_keys`] packs each pixel's error, index, slope and foreground bits
@@ -30,34 +34,37 @@
 //!    - [`cpu::sort`] sorts them: [`cpu::radix`] on one thread, [`cpu::partition`] on
 //!      all threads, leaving the result across two buffers ([`cpu::sorted`]);
 //!    - [`cpu::walk`] steps the closed-form Jaccard gradient ([`jaccard_walk`]) along
-//!      the sorted keys and writes each pixel's output ([`problem::ErrorKind::linear`]).
-//! 3. The per-group offsets and losses are summed into [`Solved`].
+//!      the sorted keys and writes each pixel's output ([`call::ErrorKind::linear`]).
+//! 3. The per-group offsets and losses are summed into [`call::Solved`].
 //!
 //! Working memory lives in [`cpu::buffer`].
 //!
 //! # On a GPU
 //!
-//! [`segmented`] lays the same jobs out as a GPU wants them: side by side in flat arrays,
+//! [`segmented`] lays the same plan out as a GPU wants it ([`segmented::Segments`]): the
+//! jobs side by side in flat arrays,
 //! ranked by one radix sort per chunk of jobs, counted by one prefix sum and weighed in
 //! closed form slot by slot, as [`segmented::Primitives`] steps. `kernel/cuda/` (feature
 //! `cuda`) runs each step as a kernel of `cuda/lovasz.cu` or a CUB call on candle's
 //! stream; [`segmented::host`] runs them as host loops, which is how the tests check the
-//! device path's composition against [`cpu`] on any machine. The plan
-//! ([`plan::jobs`]), the error keys ([`keys`]) and the closed form ([`jaccard_walk`])
-//! are shared.
+//! device path's composition against [`cpu`] on any machine. The [`Plan`],
+//! the error keys ([`keys`]), the float operations ([`real`]) and the closed form
+//! ([`jaccard_walk`]) are shared.
 
+pub(crate) mod call;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub(crate) mod jaccard_walk;
 pub(crate) mod keys;
+pub(crate) mod label_counts;
 pub(crate) mod plan;
-pub(crate) mod problem;
 pub(crate) mod real;
 pub(crate) mod segmented;
 
+pub(crate) use call::{Call, ChannelOrder, ClassEntry, ErrorKind, Output, Selection};
 pub use cpu::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub(crate) use cpu::{solve, HostSort};
 pub(crate) use jaccard_walk::JaccardWalk;
-pub(crate) use problem::{ChannelOrder, ClassEntry, ErrorKind, Output, Problem, Selection, Solved};
+pub(crate) use plan::Plan;
 pub(crate) use real::Real;

@@ -1,18 +1,77 @@
-//! The jobs of one call, whatever the device: the groups of images the Jaccard index is
-//! taken over (each image, or the whole batch), the classes each group counts (repeated
-//! classes merged; with `only_present`, those without a foreground pixel in the group
-//! skipped), and for each (group, class) job its foreground count and the factor on its
-//! weights (its class weight over the group's total, times the group scale).
+//! The plan of one call, whatever the device ([`Plan`]): the groups of images the Jaccard
+//! index is taken over (each image, or the whole batch), the classes each group counts
+//! (repeated classes merged; with `only_present`, those without a foreground pixel in the
+//! group skipped), and for each (group, class) job its foreground count and the factor on
+//! its weights (its class weight over the group's total, times the group scale). The CPU
+//! kernel runs the jobs as they are; the device path lays them out in segments
+//! ([`crate::kernel::segmented::Segments`]).
 
 use std::ops::Range;
 
 use candle::{bail, Result};
+use rayon::prelude::*;
 
+use crate::input::VOID;
+use crate::kernel::call::{Call, ClassEntry, Selection};
 use crate::kernel::keys::index_shift;
-use crate::kernel::problem::{ClassEntry, Problem, Selection};
+use crate::kernel::label_counts::count_labels;
+
+/// One call planned from its labels: its groups and its jobs, built once and shared by
+/// the CPU and device backends.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub call: Call,
+    /// The images of each group.
+    pub groups: Vec<Range<usize>>,
+    /// Non-void pixels of each group.
+    pub valid: Vec<u64>,
+    /// The (group, class) jobs, in group order.
+    pub jobs: Vec<Job>,
+}
+
+impl Plan {
+    /// Plans `call` for `labels` (`[B, S]`, void as [`VOID`]) and the classes of `sel`:
+    /// groups, merged classes, label counts per group, jobs.
+    pub fn new(call: Call, sel: &Selection, labels: &[u32]) -> Result<Self> {
+        let (b_n, c_n, s_n) = call.dims;
+        if labels.len() != b_n * s_n {
+            bail!(
+                "lovasz kernel: {} labels for dims {:?} (internal error)",
+                labels.len(),
+                call.dims
+            )
+        }
+        let groups = group_ranges(b_n, s_n, call.per_image)?;
+        let entries = merge_classes(sel, c_n)?;
+        let max_class = entries.iter().map(|e| e.class as usize).max().unwrap_or(0);
+        let (counts, valid): (Vec<Vec<u64>>, Vec<u64>) = groups
+            .par_iter()
+            .map(|g| {
+                let labels = &labels[g.start * s_n..g.end * s_n];
+                let valid = labels.par_iter().filter(|&&l| l != VOID).count() as u64;
+                (count_labels(labels, max_class + 1), valid)
+            })
+            .unzip();
+        let jobs = jobs(&entries, sel.only_present, &counts, call.group_scale);
+        Ok(Self {
+            call,
+            groups,
+            valid,
+            jobs,
+        })
+    }
+
+    /// `L`: the pixels of one group (`S` per image, `B·S` per batch).
+    pub fn group_len(&self) -> usize {
+        self.groups
+            .first()
+            .map_or(0, |g| g.len() * self.call.dims.2)
+    }
+}
 
 /// One (group, class) job: rank the group's errors for the class, walk the Jaccard
 /// gradient, write the class channel's outputs for the group's images.
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Job {
     pub group: usize,
     pub class: u32,
@@ -23,23 +82,10 @@ pub(crate) struct Job {
     pub scale: f64,
 }
 
-/// The images of each group: one group per image when `per_image`, else one group of
-/// the whole batch. Fails on slices of the wrong sizes, and when a group's pixels need
-/// more than the 30 bits of pixel index a key holds.
-pub(crate) fn groups<T>(p: &Problem<T>) -> Result<Vec<Range<usize>>> {
-    let (b_n, c_n, s_n) = (p.batch, p.channels, p.spatial);
-    if p.data.len() != b_n * c_n * s_n || p.labels.len() != b_n * s_n {
-        bail!("lovasz kernel: inconsistent sizes (internal error)")
-    }
-    group_ranges(b_n, s_n, p.per_image)
-}
-
-/// [`groups`] of a batch of `batch` images of `spatial` pixels, without the slices.
-pub(crate) fn group_ranges(
-    batch: usize,
-    spatial: usize,
-    per_image: bool,
-) -> Result<Vec<Range<usize>>> {
+/// The images of each group of a batch of `batch` images of `spatial` pixels: one group
+/// per image when `per_image`, else one group of the whole batch. Fails when a group's
+/// pixels need more than the 30 bits of pixel index a key holds.
+fn group_ranges(batch: usize, spatial: usize, per_image: bool) -> Result<Vec<Range<usize>>> {
     let (b_n, s_n) = (batch, spatial);
     let groups: Vec<Range<usize>> = if per_image {
         (0..b_n).map(|b| b..b + 1).collect()
@@ -61,7 +107,7 @@ pub(crate) fn group_ranges(
 
 /// The selected classes with repeated classes merged (a listed class counted twice weighs
 /// twice), checked against the `channels` of the input.
-pub(crate) fn merge_classes(sel: &Selection, channels: usize) -> Result<Vec<ClassEntry>> {
+fn merge_classes(sel: &Selection, channels: usize) -> Result<Vec<ClassEntry>> {
     let mut entries: Vec<ClassEntry> = Vec::new();
     for e in &sel.entries {
         if e.channel >= channels {
@@ -81,7 +127,7 @@ pub(crate) fn merge_classes(sel: &Selection, channels: usize) -> Result<Vec<Clas
 /// The jobs of every group, in group order, from the merged `entries` and each group's
 /// label counts (`counts[g][class]`, for every class of `entries`). A group whose counted
 /// classes weigh nothing gets no job, nor does a class of weight 0.
-pub(crate) fn jobs(
+fn jobs(
     entries: &[ClassEntry],
     only_present: bool,
     counts: &[Vec<u64>],

@@ -4,23 +4,24 @@
 
 use std::ops::Range;
 
+use super::Slices;
 use crate::input::VOID;
+use crate::kernel::call::{ChannelOrder, ErrorKind};
 use crate::kernel::keys::index_shift;
-use crate::kernel::problem::{ChannelOrder, ErrorKind, Problem};
 use crate::kernel::real::Real;
 /// Writes the keys of the group-local pixels `pixels` (pixel `i` of the group is pixel
 /// `i % S` of image `first_image + i / S`) for one class, in pixel order, at the start
 /// of `out` (at least as long as `pixels`); returns how many were kept, and whether an
 /// input value read was NaN (void pixels included).
 pub(crate) fn build_keys<T: Real>(
-    p: &Problem<T>,
+    p: &Slices<T>,
     first_image: usize,
     pixels: Range<usize>,
     class: u32,
     channel: usize,
     out: &mut [T::Packed],
 ) -> (usize, bool) {
-    let s_n = p.spatial;
+    let s_n = p.call.dims.2;
     let mut at = pixels.start;
     let (mut kept, mut nan) = (0, false);
     while at < pixels.end {
@@ -30,14 +31,16 @@ pub(crate) fn build_keys<T: Real>(
         let labels = &p.labels[b * s_n..][i0..i1];
         let base = (li << index_shift(s_n) | i0) as u32;
         let out = &mut out[kept..];
-        let (k, n) = match p.order {
+        let (k, n) = match p.call.order {
             ChannelOrder::First => {
-                let x = p.data[(b * p.channels + channel) * s_n..][i0..i1].iter();
+                let x = p.data[(b * p.call.dims.1 + channel) * s_n..][i0..i1].iter();
                 push_keys_of(p, out, x.copied(), labels, class, base)
             }
             // The channel's values at every `C`-th position, read in place.
             ChannelOrder::Last => {
-                let x = p.data[p.index(b, channel, i0)..].iter().step_by(p.channels);
+                let x = p.data[p.call.index(b, channel, i0)..]
+                    .iter()
+                    .step_by(p.call.dims.1);
                 push_keys_of(p, out, x.copied(), labels, class, base)
             }
         };
@@ -51,15 +54,15 @@ pub(crate) fn build_keys<T: Real>(
 /// [`push_keys`] with the error of `p`'s kind (only the hinge drops errors `<= 0`).
 #[inline(always)]
 fn push_keys_of<T: Real>(
-    p: &Problem<T>,
+    p: &Slices<T>,
     out: &mut [T::Packed],
     x: impl Iterator<Item = T>,
     labels: &[u32],
     class: u32,
     base: u32,
 ) -> (usize, bool) {
-    let drop_nonpositive = p.drops_nonpositive();
-    match p.kind {
+    let drop_nonpositive = p.call.drops_nonpositive();
+    match p.call.kind {
         ErrorKind::Abs => push_keys(out, x, labels, class, base, false, |x, fg| {
             ErrorKind::Abs.error(x, fg)
         }),
@@ -106,7 +109,7 @@ fn push_keys<T: Real>(
 }
 
 /// Whether a pixel with label `label` and error `err` gets no key: void, or (with
-/// `drop_nonpositive`, see [`Problem::drops_nonpositive`]) an error `<= 0`. That is false
+/// `drop_nonpositive`, see [`Call::drops_nonpositive`](crate::kernel::call::Call::drops_nonpositive)) an error `<= 0`. That is false
 /// for a NaN error, which reaches the walk like any other. Without a branch.
 #[inline(always)]
 pub(crate) fn is_dropped<T: Real>(drop_nonpositive: bool, label: u32, err: T) -> bool {

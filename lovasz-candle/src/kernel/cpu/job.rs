@@ -12,9 +12,9 @@ use super::prune::{foreground_floor, prune_zero_weight, worth_pruning};
 use super::sort::HostSort;
 use super::sorted::{SortedKeys, PIECE};
 use super::walk::{walk_job, JobSums};
+use super::Slices;
 use crate::kernel::keys::index_shift;
 use crate::kernel::plan::Job;
-use crate::kernel::problem::Problem;
 
 /// Working memory reused by the jobs one rayon task runs, so that large buffers are
 /// allocated (and page-faulted) once per task rather than once per job.
@@ -53,14 +53,14 @@ impl<T: HostSort> Drop for Workspace<T> {
 /// With `parallel`, the job itself is split over the rayon threads. Also returns whether
 /// an input value the job read was NaN.
 pub(crate) fn run_job<T: HostSort>(
-    p: &Problem<T>,
+    p: &Slices<T>,
     images: Range<usize>,
     job: &Job,
     outs: &mut [&mut [T]],
     parallel: bool,
     ws: &mut Workspace<T>,
 ) -> (JobSums, bool) {
-    let s_n = p.spatial;
+    let s_n = p.call.dims.2;
     let n = images.len() * s_n;
     let keys = &mut ws.keys;
     // The sorted keys' runs in `keys` or `ws.scratch`, and, when the walk is split over

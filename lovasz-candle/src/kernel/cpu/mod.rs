@@ -1,5 +1,4 @@
-//! The kernel on the CPU: the call's [`plan`](crate::kernel::plan) from label counts
-//! taken on all threads, one output row per (image, class channel) handed to the job
+//! The kernel on the CPU: the jobs of the call's [`Plan`], one output row per (image, class channel) handed to the job
 //! that writes it (channels first whatever the input's layout; transposed at the end for
 //! a channels-last input), and the jobs run with rayon, each on a [`job::Workspace`] its
 //! task reuses. A job is split over the threads itself when there are fewer jobs than
@@ -16,13 +15,11 @@
 //! | [`sorted`] | sorted keys across two buffers, read in pieces |
 //! | [`walk`] | the walk over the sorted keys that writes the outputs |
 //! | [`layout`] | the outputs transposed to channels last, for such an input |
-//! | [`label_counts`] | per-class pixel counts of a group |
 //! | [`buffer`] | huge-page buffers, and the working memory kept between calls |
 
 mod buffer;
 mod build_keys;
 mod job;
-mod label_counts;
 mod layout;
 mod partition;
 mod prune;
@@ -37,29 +34,37 @@ use rayon::prelude::*;
 pub use buffer::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub(crate) use sort::HostSort;
 
-use crate::kernel::plan;
-use crate::kernel::problem::{ChannelOrder, Problem, Selection, Solved};
+use crate::kernel::call::{Call, ChannelOrder, Solved};
+use crate::kernel::plan::Plan;
 use buffer::zeroed;
 use job::{run_job, Workspace};
-pub(crate) use label_counts::count_labels;
 use walk::JobSums;
 
-/// Builds the weights (or linear coefficients) of the loss described by `p` and `sel`.
-pub(crate) fn solve<T: HostSort>(p: &Problem<T>, sel: &Selection) -> Result<Solved<T>> {
-    let (b_n, c_n, s_n) = (p.batch, p.channels, p.spatial);
-    let groups = plan::groups(p)?;
-    let entries = plan::merge_classes(sel, c_n)?;
-    let max_class = entries.iter().map(|e| e.class as usize).max().unwrap_or(0);
-    let all_counts: Vec<Vec<u64>> = groups
-        .par_iter()
-        .map(|g| count_labels(&p.labels[g.start * s_n..g.end * s_n], max_class + 1))
-        .collect();
-    let jobs = plan::jobs(&entries, sel.only_present, &all_counts, p.group_scale);
+/// The host slices of a call: its input `[B, C, S]` (or `[B, S, C]`) and labels `[B, S]`.
+pub(crate) struct Slices<'a, T> {
+    pub call: &'a Call,
+    pub data: &'a [T],
+    /// Labels with void pixels set to [`VOID`](crate::input::VOID).
+    pub labels: &'a [u32],
+}
 
+/// Runs the jobs of `plan` over `data` and `labels`: the weights (or linear coefficients)
+/// of every pixel, and the per-group offsets and losses.
+pub(crate) fn solve<T: HostSort>(plan: &Plan, data: &[T], labels: &[u32]) -> Result<Solved<T>> {
+    let (b_n, c_n, s_n) = plan.call.dims;
+    if data.len() != b_n * c_n * s_n || labels.len() != b_n * s_n {
+        bail!("lovasz kernel: inconsistent sizes (internal error)")
+    }
+    let p = &Slices {
+        call: &plan.call,
+        data,
+        labels,
+    };
+    let (groups, jobs) = (&plan.groups, &plan.jobs);
     let mut values = zeroed::<T>(b_n * c_n * s_n);
     let mut chunks: Vec<Option<&mut [T]>> = values.chunks_mut(s_n).map(Some).collect();
     let mut work = Vec::with_capacity(jobs.len());
-    for job in &jobs {
+    for job in jobs {
         let mut outs = Vec::with_capacity(groups[job.group].len());
         for b in groups[job.group].clone() {
             match chunks[b * c_n + job.channel].take() {
@@ -98,7 +103,7 @@ pub(crate) fn solve<T: HostSort>(p: &Problem<T>, sel: &Selection) -> Result<Solv
         losses[g] += sums.loss;
         nan |= job_nan;
     }
-    let values = match p.order {
+    let values = match plan.call.order {
         ChannelOrder::First => values,
         ChannelOrder::Last => layout::to_channels_last(&values, (b_n, c_n, s_n)),
     };

@@ -8,9 +8,9 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::build_keys::keep_in_order;
+use super::Slices;
 use crate::input::VOID;
 use crate::kernel::plan::Job;
-use crate::kernel::problem::Problem;
 use crate::kernel::real::Real;
 /// Leaves out, in place and in order, the background keys whose error is below
 /// `min_fg` (every foreground error of the group): they sort after the last foreground
@@ -43,18 +43,18 @@ const PRUNE_SAMPLE: usize = 1024;
 /// are background keys with errors below every foreground error of the sample. The
 /// sample is of the input, so the choice is the same however the keys are built, and a
 /// wrong guess only costs time: the keys left out are decided by the exact floor.
-pub(crate) fn worth_pruning<T: Real>(p: &Problem<T>, images: Range<usize>, job: &Job) -> bool {
-    let s_n = p.spatial;
+pub(crate) fn worth_pruning<T: Real>(p: &Slices<T>, images: Range<usize>, job: &Job) -> bool {
+    let s_n = p.call.dims.2;
     let n = images.len() * s_n;
-    let drop_nonpositive = p.drops_nonpositive();
+    let drop_nonpositive = p.call.drops_nonpositive();
     let mut sample: Vec<(T, bool)> = Vec::with_capacity(PRUNE_SAMPLE + 1);
     for i in (0..n).step_by((n / PRUNE_SAMPLE).max(1)) {
         let (image, pixel) = (images.start + i / s_n, i % s_n);
         let l = p.labels[image * s_n + pixel];
         if l != VOID {
             let fg = l == job.class;
-            let x = p.data[p.index(image, job.channel, pixel)];
-            sample.push((p.kind.error(x, fg).0, fg));
+            let x = p.data[p.call.index(image, job.channel, pixel)];
+            sample.push((p.call.kind.error(x, fg).0, fg));
         }
     }
     let floor = sample.iter().filter(|s| s.1).map(|s| s.0.to_f64());
@@ -76,8 +76,9 @@ mod tests {
     use super::super::build_keys::build_keys;
     use super::super::solve;
     use super::*;
+    use crate::kernel::call::{Call, ChannelOrder, ClassEntry, ErrorKind, Output, Selection};
     use crate::kernel::jaccard_walk::JaccardWalk;
-    use crate::kernel::problem::{ChannelOrder, ClassEntry, ErrorKind, Output, Selection};
+    use crate::kernel::plan::Plan;
 
     /// A one-image problem whose class 0 has all its foreground errors in (0.4, 1], so
     /// about 40 % of its background pixels have smaller errors and weight 0; with void
@@ -105,17 +106,19 @@ mod tests {
     fn pruned_background_keys_change_nothing() {
         let s_n = 5000;
         let (data, labels) = separable(s_n);
-        let p = Problem {
-            data: &data,
+        let call = Call {
+            dims: (1, 3, s_n),
             order: ChannelOrder::First,
-            labels: &labels,
-            batch: 1,
-            channels: 3,
-            spatial: s_n,
             per_image: true,
             kind: ErrorKind::Abs,
             output: Output::Linear,
             group_scale: 1.0,
+            from_logits: false,
+        };
+        let p = Slices {
+            call: &call,
+            data: &data,
+            labels: &labels,
         };
         let gts = labels.iter().filter(|&&l| l == 0).count() as u64;
         let job = Job {
@@ -143,7 +146,8 @@ mod tests {
             }],
             only_present: false,
         };
-        let solved = solve(&p, &sel).unwrap();
+        let plan = Plan::new(call, &sel, &labels).unwrap();
+        let solved = solve(&plan, &data, &labels).unwrap();
         // Independently: every valid pixel, sorted by decreasing error (ties by index),
         // walked in full.
         let mut pixels: Vec<(f32, usize, bool, bool)> = (0..s_n)

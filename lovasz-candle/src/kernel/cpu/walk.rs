@@ -7,9 +7,10 @@
 use rayon::prelude::*;
 
 use super::sorted::{SortedKeys, PIECE};
+use super::Slices;
+use crate::kernel::call::{ErrorKind, Output};
 use crate::kernel::jaccard_walk::JaccardWalk;
 use crate::kernel::plan::Job;
-use crate::kernel::problem::{ErrorKind, Output, Problem};
 use crate::kernel::real::Real;
 
 /// A job's share of its group's offset `K` and loss.
@@ -19,10 +20,10 @@ pub(crate) struct JobSums {
     pub loss: f64,
 }
 
-/// The walk of one job's sorted keys, with the outputs of its problem (`MIXED` and
+/// The walk of one job's sorted keys, with the outputs of its call (`MIXED` and
 /// `fg_per_piece`: see [`walk`]).
 pub(crate) fn walk_job<T: Real, const MIXED: bool>(
-    p: &Problem<T>,
+    p: &Slices<T>,
     keys: &SortedKeys<T::Packed>,
     outs: &mut [&mut [T]],
     shift: u32,
@@ -30,7 +31,7 @@ pub(crate) fn walk_job<T: Real, const MIXED: bool>(
     fg_per_piece: Option<&[u64]>,
 ) -> JobSums {
     let (gts, scale) = (job.gts, job.scale);
-    match (p.output, p.kind) {
+    match (p.call.output, p.call.kind) {
         (Output::Weights, _) => {
             walk::<T, _, MIXED>(keys, outs, shift, gts, scale, fg_per_piece, |w, _| {
                 (w, 0.0, 0.0)

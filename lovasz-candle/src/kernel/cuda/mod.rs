@@ -1,7 +1,7 @@
 //! The CUDA backend of [`segmented`](crate::kernel::segmented): each [`Primitives`] step
 //! as one or two launches of `cuda/lovasz.cu` (or a CUB call) on candle's stream, over
 //! buffers from candle's allocator. Nothing here synchronises or copies pixel data to the
-//! host; the plan ([`Call`]) is made on the host from the labels, which the loss has
+//! host; the plan ([`Segments`]) is made on the host from the labels, which the loss has
 //! validated there, and the labels and job records are uploaded once per call.
 
 mod ffi;
@@ -16,9 +16,9 @@ use candle::cuda_backend::cudarc::driver::{
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{bail, CudaDevice, CudaStorage, Layout, Result};
 
-use super::problem::{ChannelOrder, ErrorKind, Output};
+use super::call::{ChannelOrder, ErrorKind, Output};
 use super::real::Real;
-use super::segmented::{self, Call, Chunk, JobRecord, Primitives};
+use super::segmented::{self, Chunk, JobRecord, Primitives, Segments};
 use ffi::{check, Dims};
 
 /// A float the CUDA backend takes: f32 or f64.
@@ -26,13 +26,13 @@ pub(crate) trait CudaReal: Real + CudaDType + DeviceRepr + ValidAsZeroBits {}
 impl CudaReal for f32 {}
 impl CudaReal for f64 {}
 
-/// Runs `call` on the contiguous input `storage` / `layout` with host `labels` (`[B, S]`,
+/// Runs the call laid out in `segs` on the contiguous input `storage` / `layout` with host `labels` (`[B, S]`,
 /// void as `VOID`), returning the per-pixel values (in the input's layout) and the
 /// per-group losses, on the input's device.
 pub(crate) fn solve<T: CudaReal>(
     storage: &CudaStorage,
     layout: &Layout,
-    call: &Call,
+    segs: &Segments,
     labels: &[u32],
 ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
     let Some((start, end)) = layout.contiguous_offsets() else {
@@ -43,8 +43,8 @@ pub(crate) fn solve<T: CudaReal>(
     stream.context().bind_to_thread().w()?;
     let slice = storage.as_cuda_slice::<T>()?;
     let x = slice.slice(start..end);
-    let mut backend = CudaPrimitives::new(call, &dev, stream, x, labels)?;
-    segmented::run(&mut backend, call)?;
+    let mut backend = CudaPrimitives::new(segs, &dev, stream, x, labels)?;
+    segmented::run(&mut backend, segs)?;
     let Some(mut losses) = backend.losses.take() else {
         bail!("lovasz cuda: no losses were written (internal error)")
     };
@@ -96,14 +96,14 @@ fn ptr_mut<T, S: DevicePtrMut<T>>(s: &mut S, stream: &CudaStream) -> *mut c_void
 
 impl<'a, T: CudaReal> CudaPrimitives<'a, T> {
     fn new(
-        call: &Call,
+        segs: &Segments,
         dev: &CudaDevice,
         stream: Arc<CudaStream>,
         x: CudaView<'a, T>,
         labels: &[u32],
     ) -> Result<Self> {
-        let shape = &call.shape;
-        let (b_n, c_n, s_n) = shape.dims;
+        let call = segs.call();
+        let (b_n, c_n, s_n) = call.dims;
         if x.len() != b_n * c_n * s_n || labels.len() != b_n * s_n {
             bail!("lovasz cuda: inconsistent sizes (internal error)")
         }
@@ -111,37 +111,37 @@ impl<'a, T: CudaReal> CudaPrimitives<'a, T> {
             batch: b_n as u64,
             channels: c_n as u64,
             spatial: s_n as u64,
-            seg_len: call.seg_len as u64,
-            channels_last: u32::from(shape.order == ChannelOrder::Last),
-            kind: match shape.kind {
+            seg_len: segs.seg_len as u64,
+            channels_last: u32::from(call.order == ChannelOrder::Last),
+            kind: match call.kind {
                 ErrorKind::Abs => 0,
                 ErrorKind::Hinge => 1,
             },
-            output: match shape.output {
+            output: match call.output {
                 Output::Linear => 0,
                 Output::Weights => 1,
             },
-            wide: u32::from(shape.wide),
+            wide: u32::from(segs.wide),
         };
-        let elems = call
+        let elems = segs
             .chunks
             .iter()
             .map(|c| c.elems)
             .max()
             .unwrap_or(0)
             .max(1);
-        let blocks = (call.chunks.iter())
+        let blocks = (segs.chunks.iter())
             .map(|c| c.jobs.len() * c.blocks_per_job())
             .max()
             .unwrap_or(0)
             .max(1);
-        let value_bytes = if shape.wide { 8 } else { 4 };
+        let value_bytes = if segs.wide { 8 } else { 4 };
         let mut temp_bytes = 0usize;
         // SAFETY: a host-only size query.
         check("the CUB size query", unsafe {
             ffi::lc_temp_bytes(elems as u64, dims.wide, &mut temp_bytes)
         })?;
-        let records: Vec<u8> = call.jobs.iter().flat_map(record_bytes).collect();
+        let records: Vec<u8> = segs.jobs.iter().flat_map(record_bytes).collect();
         let records = if records.is_empty() {
             vec![0u8; 1]
         } else {
@@ -168,7 +168,7 @@ impl<'a, T: CudaReal> CudaPrimitives<'a, T> {
             temp: alloc_u8(temp_bytes)?,
             temp_bytes: temp_bytes.max(1),
             nan: dev.alloc_zeros::<u32>(1)?,
-            sums: dev.alloc_zeros::<f64>(2 * call.groups.max(1))?,
+            sums: dev.alloc_zeros::<f64>(2 * segs.groups().max(1))?,
             out: dev.alloc_zeros::<T>(x.len().max(1))?,
             losses: None,
             x,
@@ -209,7 +209,7 @@ fn record_bytes(j: &JobRecord) -> Vec<u8> {
 }
 
 impl<T: CudaReal> Primitives for CudaPrimitives<'_, T> {
-    fn softmax(&mut self, _call: &Call) -> Result<()> {
+    fn softmax(&mut self, _segs: &Segments) -> Result<()> {
         // SAFETY: written whole by the softmax before any read.
         let mut p = unsafe { self.dev.alloc::<T>(self.x.len().max(1))? };
         let s = self.stream.clone();
@@ -227,7 +227,7 @@ impl<T: CudaReal> Primitives for CudaPrimitives<'_, T> {
         Ok(())
     }
 
-    fn scan_nan(&mut self, _call: &Call) -> Result<()> {
+    fn scan_nan(&mut self, _segs: &Segments) -> Result<()> {
         let s = self.stream.clone();
         let (data, n) = (self.data(), self.x.len() as u64);
         let flag = ptr_mut(&mut self.nan, &s) as *mut u32;
@@ -237,7 +237,7 @@ impl<T: CudaReal> Primitives for CudaPrimitives<'_, T> {
         })
     }
 
-    fn build_keys(&mut self, _call: &Call, chunk: &Chunk) -> Result<()> {
+    fn build_keys(&mut self, _segs: &Segments, chunk: &Chunk) -> Result<()> {
         let s = self.stream.clone();
         let (data, jobs) = (self.data(), self.chunk_jobs(chunk));
         let labels = ptr(&self.labels, &s) as *const u32;
@@ -258,7 +258,7 @@ impl<T: CudaReal> Primitives for CudaPrimitives<'_, T> {
         })
     }
 
-    fn sort(&mut self, _call: &Call, chunk: &Chunk) -> Result<()> {
+    fn sort(&mut self, _segs: &Segments, chunk: &Chunk) -> Result<()> {
         let s = self.stream.clone();
         let temp = ptr_mut(&mut self.temp, &s);
         let [k0, k1] = &mut self.keys;
@@ -287,7 +287,7 @@ impl<T: CudaReal> Primitives for CudaPrimitives<'_, T> {
         Ok(())
     }
 
-    fn count_foreground(&mut self, _call: &Call, chunk: &Chunk) -> Result<()> {
+    fn count_foreground(&mut self, _segs: &Segments, chunk: &Chunk) -> Result<()> {
         let s = self.stream.clone();
         let temp = ptr_mut(&mut self.temp, &s);
         let values = ptr(&self.values[self.current], &s);
@@ -306,7 +306,7 @@ impl<T: CudaReal> Primitives for CudaPrimitives<'_, T> {
         })
     }
 
-    fn walk(&mut self, _call: &Call, chunk: &Chunk) -> Result<()> {
+    fn walk(&mut self, _segs: &Segments, chunk: &Chunk) -> Result<()> {
         let s = self.stream.clone();
         let (data, jobs) = (self.data(), self.chunk_jobs(chunk));
         let values = ptr(&self.values[self.current], &s);
@@ -333,9 +333,9 @@ impl<T: CudaReal> Primitives for CudaPrimitives<'_, T> {
         })
     }
 
-    fn finish(&mut self, call: &Call) -> Result<()> {
+    fn finish(&mut self, segs: &Segments) -> Result<()> {
         let s = self.stream.clone();
-        if call.shape.from_logits && call.shape.output == Output::Linear {
+        if segs.call().from_logits && segs.call().output == Output::Linear {
             if let Some(p) = &self.probas {
                 let p = ptr(p, &s);
                 let out = ptr_mut(&mut self.out, &s);
@@ -345,7 +345,7 @@ impl<T: CudaReal> Primitives for CudaPrimitives<'_, T> {
                 })?;
             }
         }
-        let groups = call.groups.max(1);
+        let groups = segs.groups().max(1);
         // SAFETY: written whole by the kernel below.
         let mut losses = unsafe { self.dev.alloc::<T>(groups)? };
         let sums = ptr(&self.sums, &s) as *const f64;
@@ -356,7 +356,7 @@ impl<T: CudaReal> Primitives for CudaPrimitives<'_, T> {
             ffi::lc_losses(
                 sums,
                 nan,
-                call.groups as u64,
+                segs.groups() as u64,
                 self.dims.wide,
                 out,
                 self.stream_ptr(),

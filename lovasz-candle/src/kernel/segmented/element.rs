@@ -3,10 +3,10 @@
 //! the same expressions in the same order; [`super::host`] calls these.
 
 use crate::input::VOID;
+use crate::kernel::call::Output;
 use crate::kernel::jaccard_walk::JaccardWalk;
-use crate::kernel::problem::Output;
 use crate::kernel::real::Real;
-use crate::kernel::segmented::{JobRecord, Shape};
+use crate::kernel::segmented::{JobRecord, Segments};
 
 /// Working bytes per chunk element: keys (8) and values (4 in f32, 8 in f64), each twice
 /// for the sort, and a 4-byte count.
@@ -17,10 +17,11 @@ pub(crate) fn bytes_per_element(wide: bool) -> usize {
 
 /// Pixel `i` of `job`'s group: `(position in the input, position in the labels)`.
 #[inline]
-pub(crate) fn locate(shape: &Shape, job: &JobRecord, i: usize) -> (usize, usize) {
-    let (_, c_n, s_n) = shape.dims;
+pub(crate) fn locate(segs: &Segments, job: &JobRecord, i: usize) -> (usize, usize) {
+    let (_, c_n, s_n) = segs.call().dims;
     let (image, pixel) = (job.first_image as usize + i / s_n, i % s_n);
-    let at = shape
+    let at = segs
+        .call()
         .order
         .index((c_n, s_n), image, job.channel as usize, pixel);
     (at, image * s_n + pixel)
@@ -34,7 +35,7 @@ pub(crate) fn locate(shape: &Shape, job: &JobRecord, i: usize) -> (usize, usize)
 /// largest error key and no bits.
 #[inline]
 pub(crate) fn key_of<T: Real>(
-    shape: &Shape,
+    segs: &Segments,
     job: &JobRecord,
     in_chunk: usize,
     e: usize,
@@ -42,14 +43,14 @@ pub(crate) fn key_of<T: Real>(
     x: T,
     label: u32,
 ) -> (u64, u64) {
-    let position = if shape.wide { e } else { i } as u64;
-    let high = if shape.wide {
+    let position = if segs.wide { e } else { i } as u64;
+    let high = if segs.wide {
         0
     } else {
         (in_chunk as u64) << 32
     };
     if label == VOID {
-        let void = if shape.wide {
+        let void = if segs.wide {
             u64::MAX
         } else {
             u64::from(u32::MAX)
@@ -57,7 +58,7 @@ pub(crate) fn key_of<T: Real>(
         return (high | void, position << 2);
     }
     let fg = label == job.class;
-    let (err, slope) = shape.kind.error(x, fg);
+    let (err, slope) = segs.call().kind.error(x, fg);
     let bits = u64::from(slope) << 1 | u64::from(fg);
     (high | T::error_key(err), position << 2 | bits)
 }
@@ -68,7 +69,7 @@ pub(crate) fn key_of<T: Real>(
 /// and loss. `(0, 0, 0)` for the weights of [`Output::Weights`] apart from the value.
 #[inline]
 pub(crate) fn walk_slot<T: Real>(
-    shape: &Shape,
+    segs: &Segments,
     job: &JobRecord,
     k: usize,
     fg_before: u64,
@@ -78,11 +79,11 @@ pub(crate) fn walk_slot<T: Real>(
     let (slope, fg) = (value & 2 != 0, value & 1 != 0);
     let weight = JaccardWalk::resume(job.gts, fg_before, k as u64 - fg_before).step(fg);
     let w = weight * job.scale;
-    let (v, offset, loss) = match shape.output {
+    let (v, offset, loss) = match segs.call().output {
         Output::Weights => (w, 0.0, 0.0),
         Output::Linear => {
-            let err = shape.kind.error(x, fg).0.to_f64();
-            shape.kind.linear::<false>(w, err, slope, fg)
+            let err = segs.call().kind.error(x, fg).0.to_f64();
+            segs.call().kind.linear::<false>(w, err, slope, fg)
         }
     };
     (T::from_f64(v), offset, loss)

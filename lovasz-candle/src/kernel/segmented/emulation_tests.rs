@@ -4,8 +4,9 @@
 
 use super::host::HostPrimitives;
 use super::*;
+use crate::input::VOID;
+use crate::kernel::call::{ChannelOrder, ClassEntry, ErrorKind, Output, Selection};
 use crate::kernel::cpu::{solve, HostSort};
-use crate::kernel::problem::{ClassEntry, Problem};
 use crate::test_rng::Lcg;
 
 /// A random problem: values in `[0, 1)` (or on `levels` steps, for ties), labels in
@@ -100,22 +101,9 @@ fn all_classes(n: usize, only_present: bool) -> Selection {
 /// per-group sums to 1e-12 relative.
 fn check<T: HostSort>(case: &Case, setup: &Setup) {
     let (x, labels) = make::<T>(case);
-    let (b, c, s) = case.dims;
+    let b = case.dims.0;
     let group_scale = 1.0 / b as f64;
-    let problem = Problem {
-        data: &x[..],
-        order: setup.order,
-        labels: &labels,
-        batch: b,
-        channels: c,
-        spatial: s,
-        per_image: setup.per_image,
-        kind: setup.kind,
-        output: setup.output,
-        group_scale,
-    };
-    let cpu = solve(&problem, &setup.sel).unwrap();
-    let shape = Shape {
+    let call = Call {
         dims: case.dims,
         order: setup.order,
         kind: setup.kind,
@@ -123,15 +111,16 @@ fn check<T: HostSort>(case: &Case, setup: &Setup) {
         per_image: setup.per_image,
         group_scale,
         from_logits: false,
-        wide: std::mem::size_of::<T>() == 8,
     };
-    let mut call = Call::new(shape, &setup.sel, &labels).unwrap();
+    let plan = Plan::new(call, &setup.sel, &labels).unwrap();
+    let cpu = solve(&plan, &x, &labels).unwrap();
+    let mut segs = Segments::new(plan, std::mem::size_of::<T>() == 8).unwrap();
     if let Some(budget) = setup.budget {
-        let per = element::bytes_per_element(shape.wide);
-        call.chunks = chunks(call.jobs.len(), call.seg_len, per, budget).unwrap();
+        let per = element::bytes_per_element(segs.wide);
+        segs.chunks = chunks(segs.jobs.len(), segs.seg_len, per, budget).unwrap();
     }
-    let mut host = HostPrimitives::new(&call, &x, &labels).unwrap();
-    run(&mut host, &call).unwrap();
+    let mut host = HostPrimitives::new(&segs, &x, &labels).unwrap();
+    run(&mut host, &segs).unwrap();
     let tag = format!(
         "{:?} {:?} {:?} {:?}",
         case.dims, setup.order, setup.kind, setup.output
@@ -143,7 +132,7 @@ fn check<T: HostSort>(case: &Case, setup: &Setup) {
     }
     let close = |a: f64, e: f64| (a - e).abs() <= 1e-12 * e.abs().max(1e-300) || a == e;
     if setup.output == Output::Linear {
-        for g in 0..call.groups {
+        for g in 0..segs.groups() {
             assert!(
                 close(host.group_losses[g], cpu.losses[g]),
                 "{tag}: loss {g}: {} vs {}",

@@ -3,12 +3,13 @@
 //! through on a machine without a GPU (and what the public losses use under
 //! [`crate::force_device_emulation`]).
 
-use candle::{bail, Result};
+use candle::{bail, DType, Result};
 
 use super::element::{key_of, locate, pixel_of, walk_slot};
-use super::{Call, Chunk, Primitives, WALK_BLOCK};
+use super::{run, Chunk, Primitives, Segments, WALK_BLOCK};
 use crate::channel_softmax::{softmax, softmax_backward};
-use crate::kernel::problem::Output;
+use crate::kernel::call::{Output, Solved};
+use crate::kernel::plan::Plan;
 use crate::kernel::real::Real;
 
 /// The host backend's arrays: the input, the labels, the working set of the largest
@@ -36,9 +37,9 @@ pub(crate) struct HostPrimitives<'a, T> {
 }
 
 impl<'a, T: Real> HostPrimitives<'a, T> {
-    /// A backend for `call` over input `x` (`[B, C, S]` or `[B, S, C]`) and labels `[B, S]`.
-    pub fn new(call: &Call, x: &'a [T], labels: &'a [u32]) -> Result<Self> {
-        let (b_n, c_n, s_n) = call.shape.dims;
+    /// A backend for the call laid out in `segs`, over input `x` (`[B, C, S]` or `[B, S, C]`) and labels `[B, S]`.
+    pub fn new(segs: &Segments, x: &'a [T], labels: &'a [u32]) -> Result<Self> {
+        let (b_n, c_n, s_n) = segs.call().dims;
         if x.len() != b_n * c_n * s_n || labels.len() != b_n * s_n {
             bail!("lovasz device emulation: inconsistent sizes (internal error)")
         }
@@ -51,7 +52,7 @@ impl<'a, T: Real> HostPrimitives<'a, T> {
             counts: Vec::new(),
             partials: Vec::new(),
             nan: false,
-            sums: vec![(0.0, 0.0); call.groups],
+            sums: vec![(0.0, 0.0); segs.groups()],
             out: vec![T::zero(); x.len()],
             losses: Vec::new(),
             offsets: Vec::new(),
@@ -65,25 +66,25 @@ impl<'a, T: Real> HostPrimitives<'a, T> {
 }
 
 impl<T: Real> Primitives for HostPrimitives<'_, T> {
-    fn softmax(&mut self, call: &Call) -> Result<()> {
-        self.probas = Some(softmax(self.x, call.shape.dims, call.shape.order));
+    fn softmax(&mut self, segs: &Segments) -> Result<()> {
+        self.probas = Some(softmax(self.x, segs.call().dims, segs.call().order));
         Ok(())
     }
 
-    fn scan_nan(&mut self, _call: &Call) -> Result<()> {
+    fn scan_nan(&mut self, _segs: &Segments) -> Result<()> {
         self.nan = self.data().iter().any(|v| v.is_nan());
         Ok(())
     }
 
-    fn build_keys(&mut self, call: &Call, chunk: &Chunk) -> Result<()> {
-        let l = call.seg_len;
+    fn build_keys(&mut self, segs: &Segments, chunk: &Chunk) -> Result<()> {
+        let l = segs.seg_len;
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         for e in 0..chunk.elems {
             let (in_chunk, i) = (e / l, e % l);
-            let job = &call.jobs[chunk.jobs.start + in_chunk];
-            let (at, label_at) = locate(&call.shape, job, i);
+            let job = &segs.jobs[chunk.jobs.start + in_chunk];
+            let (at, label_at) = locate(segs, job, i);
             let x = self.data()[at];
-            let (k, v) = key_of(&call.shape, job, in_chunk, e, i, x, self.labels[label_at]);
+            let (k, v) = key_of(segs, job, in_chunk, e, i, x, self.labels[label_at]);
             keys.push(k);
             values.push(v);
         }
@@ -91,17 +92,17 @@ impl<T: Real> Primitives for HostPrimitives<'_, T> {
         Ok(())
     }
 
-    fn sort(&mut self, call: &Call, chunk: &Chunk) -> Result<()> {
+    fn sort(&mut self, segs: &Segments, chunk: &Chunk) -> Result<()> {
         let mut pairs: Vec<(u64, u64)> = self
             .keys
             .iter()
             .copied()
             .zip(self.values.iter().copied())
             .collect();
-        if call.shape.wide {
+        if segs.wide {
             // A stable sort by error key, then a stable sort by job.
             pairs.sort_by_key(|p| p.0);
-            let l = call.seg_len as u64;
+            let l = segs.seg_len as u64;
             pairs.sort_by_key(|p| (p.1 >> 2) / l);
         } else {
             let mask = if 32 + chunk.job_bits >= 64 {
@@ -115,7 +116,7 @@ impl<T: Real> Primitives for HostPrimitives<'_, T> {
         Ok(())
     }
 
-    fn count_foreground(&mut self, _call: &Call, _chunk: &Chunk) -> Result<()> {
+    fn count_foreground(&mut self, _segs: &Segments, _chunk: &Chunk) -> Result<()> {
         let mut before = 0u32;
         self.counts = (self.values.iter())
             .map(|v| {
@@ -127,20 +128,20 @@ impl<T: Real> Primitives for HostPrimitives<'_, T> {
         Ok(())
     }
 
-    fn walk(&mut self, call: &Call, chunk: &Chunk) -> Result<()> {
-        let l = call.seg_len;
+    fn walk(&mut self, segs: &Segments, chunk: &Chunk) -> Result<()> {
+        let l = segs.seg_len;
         let blocks = chunk.blocks_per_job();
         self.partials = vec![(0.0, 0.0); chunk.jobs.len() * blocks];
         for (in_chunk, j) in chunk.jobs.clone().enumerate() {
-            let job = &call.jobs[j];
+            let job = &segs.jobs[j];
             let first = in_chunk * l;
             for k in 0..(job.valid as usize) {
                 let slot = first + k;
                 let fg_before = u64::from(self.counts[slot].wrapping_sub(self.counts[first]));
                 let value = self.values[slot];
-                let (at, _) = locate(&call.shape, job, pixel_of(value, l));
+                let (at, _) = locate(segs, job, pixel_of(value, l));
                 let x = self.data()[at];
-                let (v, offset, loss) = walk_slot(&call.shape, job, k, fg_before, value, x);
+                let (v, offset, loss) = walk_slot(segs, job, k, fg_before, value, x);
                 self.out[at] = v;
                 let p = &mut self.partials[in_chunk * blocks + k / WALK_BLOCK];
                 p.0 += offset;
@@ -149,7 +150,7 @@ impl<T: Real> Primitives for HostPrimitives<'_, T> {
         }
         // Per job, its blocks in order, into its group.
         for (in_chunk, j) in chunk.jobs.clone().enumerate() {
-            let g = call.jobs[j].group as usize;
+            let g = segs.jobs[j].group as usize;
             let (mut offset, mut loss) = (0.0, 0.0);
             for p in &self.partials[in_chunk * blocks..(in_chunk + 1) * blocks] {
                 offset += p.0;
@@ -161,10 +162,10 @@ impl<T: Real> Primitives for HostPrimitives<'_, T> {
         Ok(())
     }
 
-    fn finish(&mut self, call: &Call) -> Result<()> {
-        if call.shape.from_logits && call.shape.output == Output::Linear {
+    fn finish(&mut self, segs: &Segments) -> Result<()> {
+        if segs.call().from_logits && segs.call().output == Output::Linear {
             if let Some(p) = &self.probas {
-                softmax_backward(p, &mut self.out, call.shape.dims, call.shape.order);
+                softmax_backward(p, &mut self.out, segs.call().dims, segs.call().order);
             }
         }
         let nan = self.nan;
@@ -175,4 +176,20 @@ impl<T: Real> Primitives for HostPrimitives<'_, T> {
         self.group_losses = self.sums.iter().map(|s| s.1).collect();
         Ok(())
     }
+}
+
+/// The device path's composition run on the host for `plan` over `data` and `labels`:
+/// what [`crate::kernel::cpu::solve`] returns (with the softmax and its Jacobian inside
+/// when the call is from logits; no rows are left unread, NaN is scanned in full).
+pub(crate) fn emulate<T: Real>(plan: Plan, data: &[T], labels: &[u32]) -> Result<Solved<T>> {
+    let segs = Segments::new(plan, T::DTYPE == DType::F64)?;
+    let mut host = HostPrimitives::new(&segs, data, labels)?;
+    run(&mut host, &segs)?;
+    Ok(Solved {
+        nan: host.losses.iter().any(|l| l.is_nan()),
+        losses: host.losses.iter().map(|l| l.to_f64()).collect(),
+        values: host.out,
+        offsets: host.offsets,
+        unread_rows: Vec::new(),
+    })
 }

@@ -42,12 +42,9 @@ pub(crate) mod host;
 use std::ops::Range;
 
 use candle::{bail, Result};
-use rayon::prelude::*;
 
-use crate::input::VOID;
-use crate::kernel::cpu::count_labels;
-use crate::kernel::plan;
-use crate::kernel::problem::{ChannelOrder, ErrorKind, Output, Selection};
+use crate::kernel::call::Call;
+use crate::kernel::plan::Plan;
 
 /// Slots per block of the walk: the unit of its partial sums.
 pub(crate) const WALK_BLOCK: usize = 1024;
@@ -96,87 +93,60 @@ impl Chunk {
     }
 }
 
-/// What the loss is, beyond its data: the input's dims and layout and how errors and
-/// outputs are formed.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Shape {
-    /// `(B, C, S)`.
-    pub dims: (usize, usize, usize),
-    pub order: ChannelOrder,
-    pub kind: ErrorKind,
-    pub output: Output,
-    pub per_image: bool,
-    /// A factor on every group (`1 / B` for a mean over images).
-    pub group_scale: f64,
-    /// The input is logits: the softmax over the class axis is taken first, and the
-    /// coefficients turned into the gradient with respect to the logits at the end.
-    pub from_logits: bool,
+/// A call's [`Plan`] laid out as the device runs it: one record per job, and the jobs in
+/// chunks sorted together.
+#[derive(Debug, Clone)]
+pub(crate) struct Segments {
+    pub plan: Plan,
     /// The input is f64 (two sorts per chunk), else f32.
     pub wide: bool,
-}
-
-/// One call, planned on the host from the labels: its jobs and their chunks.
-#[derive(Debug, Clone)]
-pub(crate) struct Call {
-    pub shape: Shape,
-    pub groups: usize,
-    /// `L`: the pixels of a group.
+    /// `L`: the pixels of a group, the length of every job's segment.
     pub seg_len: usize,
     pub jobs: Vec<JobRecord>,
     pub chunks: Vec<Chunk>,
 }
 
-impl Call {
-    /// Plans the call for `labels` (`[B, S]`, void as [`VOID`]) and the classes of `sel`.
-    pub fn new(shape: Shape, sel: &Selection, labels: &[u32]) -> Result<Self> {
-        let (b_n, c_n, s_n) = shape.dims;
-        if labels.len() != b_n * s_n {
-            bail!(
-                "lovasz kernel: {} labels for dims {:?} (internal error)",
-                labels.len(),
-                shape.dims
-            )
-        }
-        let groups = plan::group_ranges(b_n, s_n, shape.per_image)?;
-        let entries = plan::merge_classes(sel, c_n)?;
-        let max_class = entries.iter().map(|e| e.class as usize).max().unwrap_or(0);
-        let (counts, valid): (Vec<Vec<u64>>, Vec<u64>) = groups
-            .par_iter()
-            .map(|g| {
-                let labels = &labels[g.start * s_n..g.end * s_n];
-                let valid = labels.iter().filter(|&&l| l != VOID).count() as u64;
-                (count_labels(labels, max_class + 1), valid)
-            })
-            .unzip();
-        let jobs = plan::jobs(&entries, sel.only_present, &counts, shape.group_scale);
-        let jobs: Vec<JobRecord> = jobs
-            .iter()
+impl Segments {
+    /// Lays out `plan` for inputs of f64 (`wide`) or f32.
+    pub fn new(plan: Plan, wide: bool) -> Result<Self> {
+        let (b_n, c_n, s_n) = plan.call.dims;
+        let jobs: Vec<JobRecord> = (plan.jobs.iter())
             .map(|j| JobRecord {
-                first_image: groups[j.group].start as u32,
+                first_image: plan.groups[j.group].start as u32,
                 class: j.class,
                 channel: j.channel as u32,
                 group: j.group as u32,
-                valid: valid[j.group],
+                valid: plan.valid[j.group],
                 gts: j.gts,
                 scale: j.scale,
             })
             .collect();
-        let seg_len = groups.first().map_or(0, |g| g.len() * s_n);
-        let value_bytes = if shape.wide { 8 } else { 4 };
+        let seg_len = plan.group_len();
+        let value_bytes = if wide { 8 } else { 4 };
         let budget = WORK_FACTOR * b_n * c_n * s_n * value_bytes;
         let chunks = chunks(
             jobs.len(),
             seg_len,
-            element::bytes_per_element(shape.wide),
+            element::bytes_per_element(wide),
             budget,
         )?;
         Ok(Self {
-            shape,
-            groups: groups.len(),
+            plan,
+            wide,
             seg_len,
             jobs,
             chunks,
         })
+    }
+
+    /// What the call computes.
+    pub fn call(&self) -> &Call {
+        &self.plan.call
+    }
+
+    /// The number of groups.
+    pub fn groups(&self) -> usize {
+        self.plan.groups.len()
     }
 }
 
@@ -214,36 +184,36 @@ fn chunks(n_jobs: usize, seg_len: usize, per_elem: usize, budget: usize) -> Resu
 /// per-group losses (NaN when an input value is NaN).
 pub(crate) trait Primitives {
     /// `p = softmax(x)` over the class axis; every later step reads `p` for `x`.
-    fn softmax(&mut self, call: &Call) -> Result<()>;
+    fn softmax(&mut self, segs: &Segments) -> Result<()>;
     /// Notes whether any input value is NaN.
-    fn scan_nan(&mut self, call: &Call) -> Result<()>;
+    fn scan_nan(&mut self, segs: &Segments) -> Result<()>;
     /// The key and value of each element of `chunk` ([`element::key_of`]).
-    fn build_keys(&mut self, call: &Call, chunk: &Chunk) -> Result<()>;
+    fn build_keys(&mut self, segs: &Segments, chunk: &Chunk) -> Result<()>;
     /// Sorts the chunk's elements by key, stably (f32: the low `32 + job_bits` bits; f64:
     /// by error key, then by job).
-    fn sort(&mut self, call: &Call, chunk: &Chunk) -> Result<()>;
+    fn sort(&mut self, segs: &Segments, chunk: &Chunk) -> Result<()>;
     /// The exclusive prefix sum of the sorted values' foreground bits.
-    fn count_foreground(&mut self, call: &Call, chunk: &Chunk) -> Result<()>;
+    fn count_foreground(&mut self, segs: &Segments, chunk: &Chunk) -> Result<()>;
     /// Each ranked slot's output written at its pixel ([`element::walk_slot`]), and the
     /// chunk's offsets and losses summed per block, then per job into its group.
-    fn walk(&mut self, call: &Call, chunk: &Chunk) -> Result<()>;
+    fn walk(&mut self, segs: &Segments, chunk: &Chunk) -> Result<()>;
     /// The softmax Jacobian applied to the coefficients (from logits), and the losses.
-    fn finish(&mut self, call: &Call) -> Result<()>;
+    fn finish(&mut self, segs: &Segments) -> Result<()>;
 }
 
-/// Runs `call` on `backend`.
-pub(crate) fn run<B: Primitives>(backend: &mut B, call: &Call) -> Result<()> {
-    if call.shape.from_logits {
-        backend.softmax(call)?;
+/// Runs the call laid out in `segs` on `backend`.
+pub(crate) fn run<B: Primitives>(backend: &mut B, segs: &Segments) -> Result<()> {
+    if segs.call().from_logits {
+        backend.softmax(segs)?;
     }
-    backend.scan_nan(call)?;
-    for chunk in &call.chunks {
-        backend.build_keys(call, chunk)?;
-        backend.sort(call, chunk)?;
-        backend.count_foreground(call, chunk)?;
-        backend.walk(call, chunk)?;
+    backend.scan_nan(segs)?;
+    for chunk in &segs.chunks {
+        backend.build_keys(segs, chunk)?;
+        backend.sort(segs, chunk)?;
+        backend.count_foreground(segs, chunk)?;
+        backend.walk(segs, chunk)?;
     }
-    backend.finish(call)
+    backend.finish(segs)
 }
 
 #[cfg(test)]

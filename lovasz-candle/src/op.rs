@@ -1,5 +1,6 @@
-//! The Lovász extension as candle tensors: runs the weight kernel and turns its output
-//! into a differentiable loss, or into the weight tensor `W`.
+//! The Lovász extension as a candle op: the choice of device path, the custom op that runs
+//! the weight kernel and turns its output into a differentiable loss, and the weight
+//! tensor `W`.
 //!
 //! Two paths give the same loss. On the CPU, and on CUDA with the `cuda` feature
 //! (`cuda.rs`, the device kernel), a custom op computes the per-group losses inside the
@@ -19,109 +20,22 @@ use rayon::prelude::*;
 use crate::channel_softmax::{softmax, softmax_backward};
 use crate::config::Reduction;
 use crate::input::{device_emulation_forced, host_copy_forced, with_host_slice};
-use crate::kernel::segmented::{self, host::HostPrimitives, Call};
-use crate::kernel::{
-    solve, ChannelOrder, ErrorKind, HostSort, Output, Problem, Real, Selection, Solved,
-};
+use crate::kernel::segmented::host;
+use crate::kernel::{solve, Call, ChannelOrder, HostSort, Output, Plan, Selection};
 
-/// Everything about a loss but its input tensor.
-pub(crate) struct LossSpec {
-    /// Labels `[B, S]` with void pixels set to `input::VOID`.
-    pub labels: Vec<u32>,
-    pub per_image: bool,
-    pub kind: ErrorKind,
-    pub selection: Selection,
-    /// Where the class axis of the input is: `[B, C, S]` or `[B, S, C]`.
-    pub order: ChannelOrder,
-}
-
-impl LossSpec {
-    fn groups(&self, batch: usize) -> usize {
-        if self.per_image {
-            batch
-        } else {
-            1
-        }
-    }
-
-    fn solve<T: HostSort>(
-        &self,
-        data: &[T],
-        (batch, channels, spatial): (usize, usize, usize),
-        output: Output,
-        group_scale: f64,
-    ) -> Result<Solved<T>> {
-        let problem = Problem {
-            data,
-            order: self.order,
-            labels: &self.labels,
-            batch,
-            channels,
-            spatial,
-            per_image: self.per_image,
-            kind: self.kind,
-            output,
-            group_scale,
-        };
-        solve(&problem, &self.selection)
-    }
-
-    /// The device path's plan of this loss over inputs of `dims` and dtype `T`.
-    pub(crate) fn call<T: Real>(
-        &self,
-        dims: (usize, usize, usize),
-        output: Output,
-        group_scale: f64,
-        from_logits: bool,
-    ) -> Result<Call> {
-        let shape = segmented::Shape {
-            dims,
-            order: self.order,
-            kind: self.kind,
-            output,
-            per_image: self.per_image,
-            group_scale,
-            from_logits,
-            wide: T::DTYPE == DType::F64,
-        };
-        Call::new(shape, &self.selection, &self.labels)
-    }
-
-    /// The device path on the host ([`segmented::host`]): per-pixel values and per-group
-    /// losses, as [`Self::solve`] gives them (with the softmax and its Jacobian inside
-    /// when `from_logits`).
-    fn emulate<T: HostSort>(
-        &self,
-        data: &[T],
-        dims: (usize, usize, usize),
-        output: Output,
-        group_scale: f64,
-        from_logits: bool,
-    ) -> Result<Solved<T>> {
-        let call = self.call::<T>(dims, output, group_scale, from_logits)?;
-        let mut host = HostPrimitives::new(&call, data, &self.labels)?;
-        segmented::run(&mut host, &call)?;
-        Ok(Solved {
-            values: host.out,
-            nan: host.losses.iter().any(|l| l.to_f64().is_nan()),
-            offsets: host.offsets,
-            losses: host.losses.iter().map(|l| l.to_f64()).collect(),
-            unread_rows: Vec::new(),
-        })
-    }
-}
-
-/// A validated loss input: `x` in f32 or f64, read as `[B, C, S]` (or `[B, S, C]`, as
-/// its spec's `order` says), and its [`LossSpec`].
+/// A validated loss input: `x` in f32 or f64, read as `[B, C, S]` (or `[B, S, C]`), what
+/// the loss computes over it, its host labels and its classes.
 pub(crate) struct Prepared {
     /// Scores (probabilities or logits), f32 or f64, on the caller's device, in the
     /// caller's shape: a reshape in the graph would cost candle's backward pass a second
     /// zeros + add over the whole gradient.
     pub x: Tensor,
-    /// `(B, C, S)`: `x` read with its spatial axes (and, for binary losses, a unit class
-    /// axis) flattened, whichever the order of the class and spatial axes.
-    pub dims: (usize, usize, usize),
-    pub spec: LossSpec,
+    /// The loss over `x` ([`Call::new`]); the output, the group scale and whether `x` is
+    /// logits are set by each use.
+    pub call: Call,
+    /// Labels `[B, S]` with void pixels set to `input::VOID`.
+    pub labels: Vec<u32>,
+    pub selection: Selection,
 }
 
 impl Prepared {
@@ -134,7 +48,7 @@ impl Prepared {
         let per_group = if has_native_path(self.x.device()) {
             self.fused(false, reduction)?
         } else {
-            self.linear_form(self.group_scale(reduction)?)?
+            self.linear_form(reduction)?
         };
         sum_groups(per_group, reduction)
     }
@@ -145,43 +59,56 @@ impl Prepared {
         sum_groups(self.fused(true, reduction)?, reduction)
     }
 
-    /// The factor on each group's loss: `1 / B` for a mean over images, else 1.
-    fn group_scale(&self, reduction: Reduction) -> Result<f64> {
-        Ok(if self.spec.per_image && reduction == Reduction::Mean {
-            1.0 / self.dims.0 as f64
-        } else {
-            1.0
-        })
+    /// The weight tensor `W`, shape `[B, C, S]`, detached, with `loss = Σ W ⊙ errors`
+    /// under `reduction` (`Mean` folds `1 / B` in when `per_image`).
+    pub fn weights(&self, reduction: Reduction) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.x.device().is_cuda() {
+            return self.cuda_weights(reduction);
+        }
+        Ok(self.solve_on_host(Output::Weights, reduction)?.0)
     }
 
-    /// The CPU op: per-group losses `[G]`, scaled by [`Self::group_scale`].
-    fn fused(self, from_logits: bool, reduction: Reduction) -> Result<Tensor> {
-        let op = FusedLovasz {
-            groups: self.spec.groups(self.dims.0),
-            dims: self.dims,
-            group_scale: self.group_scale(reduction)?,
-            order: self.spec.order,
-            spec: Mutex::new(Some(self.spec)),
+    /// The plan of this loss with `output`, the group scale of `reduction` (`1 / B` for a
+    /// mean over images, else 1) and `from_logits`.
+    fn plan(&self, output: Output, reduction: Reduction, from_logits: bool) -> Result<Plan> {
+        let group_scale = if self.call.per_image && reduction == Reduction::Mean {
+            1.0 / self.call.dims.0 as f64
+        } else {
+            1.0
+        };
+        let call = Call {
+            output,
+            group_scale,
             from_logits,
+            ..self.call
+        };
+        Plan::new(call, &self.selection, &self.labels)
+    }
+
+    /// The fused op: per-group losses `[G]`, scaled by the group scale of `reduction`.
+    fn fused(self, from_logits: bool, reduction: Reduction) -> Result<Tensor> {
+        let plan = self.plan(Output::Linear, reduction, from_logits)?;
+        let op = FusedLovasz {
+            call: plan.call,
+            groups: plan.groups.len(),
+            planned: Mutex::new(Some((plan, self.labels))),
             coefficients: Mutex::new(None),
         };
         self.x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))
     }
 
-    /// Per-group losses `[G]` (times `scale`) as `K + Σ A ⊙ x` with `A` computed on the
-    /// host.
-    fn linear_form(&self, scale: f64) -> Result<Tensor> {
-        let (values, offsets) = self.solve_on_host(Output::Linear, scale)?;
-        let (batch, channels, _) = self.dims;
+    /// Per-group losses `[G]` (scaled as `reduction` says) as `K + Σ A ⊙ x` with `A`
+    /// computed on the host.
+    fn linear_form(&self, reduction: Reduction) -> Result<Tensor> {
+        let (values, offsets) = self.solve_on_host(Output::Linear, reduction)?;
+        let (batch, channels, spatial) = self.call.dims;
         let groups = offsets.len();
         // Row sums first: a two-level sum keeps f32 accuracy on millions of pixels.
         let products = values * &self.x;
-        let rows = match self.spec.order {
-            ChannelOrder::First => products?.reshape(self.dims)?.sum(2)?,
-            ChannelOrder::Last => {
-                let (b, c, s) = self.dims;
-                products?.reshape((b, s, c))?.sum(1)?
-            }
+        let rows = match self.call.order {
+            ChannelOrder::First => products?.reshape(self.call.dims)?.sum(2)?,
+            ChannelOrder::Last => products?.reshape((batch, spatial, channels))?.sum(1)?,
         };
         let per_group = rows
             .reshape((groups, (batch / groups) * channels))?
@@ -191,36 +118,25 @@ impl Prepared {
         per_group + offsets
     }
 
-    /// The weight tensor `W`, shape `[B, C, S]`, detached, with `loss = Σ W ⊙ errors`
-    /// under `reduction` (`Mean` folds `1 / B` in when `per_image`).
-    pub fn weights(&self, reduction: Reduction) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if self.x.device().is_cuda() {
-            return self.cuda_weights(self.group_scale(reduction)?);
-        }
-        Ok(self
-            .solve_on_host(Output::Weights, self.group_scale(reduction)?)?
-            .0)
-    }
-
     /// Runs the kernel on a host view of `x` (copied there when it lives elsewhere) and
     /// returns its per-pixel values as a tensor on `x`'s device, with the group offsets.
-    fn solve_on_host(&self, output: Output, scale: f64) -> Result<(Tensor, Vec<f64>)> {
-        let dims = self.dims;
+    fn solve_on_host(&self, output: Output, reduction: Reduction) -> Result<(Tensor, Vec<f64>)> {
+        let plan = self.plan(output, reduction, false)?;
         let (shape, device) = (self.x.shape(), self.x.device());
+        let labels = &self.labels[..];
         let emulate = device_emulation_forced();
         match self.x.dtype() {
             DType::F32 => {
                 let s = with_host_slice::<f32, _>(&self.x, |d| match emulate {
-                    true => self.spec.emulate(d, dims, output, scale, false),
-                    false => self.spec.solve(d, dims, output, scale),
+                    true => host::emulate(plan, d, labels),
+                    false => solve(&plan, d, labels),
                 })?;
                 Ok((Tensor::from_vec(s.values, shape, device)?, s.offsets))
             }
             DType::F64 => {
                 let s = with_host_slice::<f64, _>(&self.x, |d| match emulate {
-                    true => self.spec.emulate(d, dims, output, scale, false),
-                    false => self.spec.solve(d, dims, output, scale),
+                    true => host::emulate(plan, d, labels),
+                    false => solve(&plan, d, labels),
                 })?;
                 Ok((Tensor::from_vec(s.values, shape, device)?, s.offsets))
             }
@@ -236,7 +152,7 @@ pub(crate) fn has_native_path(device: &Device) -> bool {
     (device.is_cpu() && !host_copy_forced()) || (cfg!(feature = "cuda") && device.is_cuda())
 }
 
-/// Combines the per-group losses `[G]` (already scaled by `Prepared::group_scale`) as
+/// Combines the per-group losses `[G]` (already scaled by the group scale) as
 /// `reduction` says.
 fn sum_groups(per_group: Tensor, reduction: Reduction) -> Result<Tensor> {
     match reduction {
@@ -245,56 +161,50 @@ fn sum_groups(per_group: Tensor, reduction: Reduction) -> Result<Tensor> {
     }
 }
 
-/// The CPU path: one op whose forward runs the kernel and returns the per-group losses
-/// `[G]`, and whose backward multiplies the kept coefficients by the incoming gradient.
+/// The fused path (the CPU, and CUDA with the `cuda` feature): one op whose forward runs
+/// the kernel and returns the per-group losses `[G]`, and whose backward multiplies the
+/// kept coefficients by the incoming gradient.
 struct FusedLovasz {
-    /// Taken by the forward pass, so that the labels are freed before the backward pass.
-    spec: Mutex<Option<LossSpec>>,
+    /// What the op computes (`output` is [`Output::Linear`]).
+    call: Call,
     groups: usize,
-    /// `(B, C, S)` of the input.
-    dims: (usize, usize, usize),
-    /// A factor on every group's loss and coefficients (`1 / B` for a mean over images).
-    group_scale: f64,
-    /// The input is logits: the op applies the softmax over the class axis itself, and
-    /// keeps the gradient with respect to the logits.
-    from_logits: bool,
-    /// Where the class axis of the input is.
-    order: ChannelOrder,
+    /// The plan and the labels, taken by the forward pass, so that they are freed before
+    /// the backward pass.
+    planned: Mutex<Option<(Plan, Vec<u32>)>>,
     coefficients: Mutex<Option<Tensor>>,
 }
 
 impl FusedLovasz {
     fn forward<T: HostSort>(&self, input: &[T], shape: &Shape) -> Result<Vec<T>> {
-        let dims = self.dims;
+        let (plan, labels) = self.take_plan()?;
+        let Call {
+            dims,
+            order,
+            from_logits,
+            ..
+        } = self.call;
         if input.len() != dims.0 * dims.1 * dims.2 {
             bail!(
                 "lovasz: input of {} values for dims {dims:?} (internal error)",
                 input.len()
             )
         }
-        let spec = self.take_spec()?;
         if device_emulation_forced() {
-            let solved = spec.emulate(
-                input,
-                dims,
-                Output::Linear,
-                self.group_scale,
-                self.from_logits,
-            )?;
+            let solved = host::emulate(plan, input, &labels)?;
             self.keep(Tensor::from_vec(solved.values, shape, &Device::Cpu)?)?;
             return Ok(solved.losses.into_iter().map(T::from_f64).collect());
         }
         let probas;
-        let data = if self.from_logits {
-            probas = softmax(input, dims, self.order);
+        let data = if from_logits {
+            probas = softmax(input, dims, order);
             &probas[..]
         } else {
             input
         };
-        let mut solved = spec.solve(data, dims, Output::Linear, self.group_scale)?;
-        drop(spec);
-        if self.from_logits {
-            softmax_backward(data, &mut solved.values, dims, self.order);
+        let mut solved = solve(&plan, data, &labels)?;
+        drop((plan, labels));
+        if from_logits {
+            softmax_backward(data, &mut solved.values, dims, order);
         }
         self.keep(Tensor::from_vec(solved.values, shape, &Device::Cpu)?)?;
         // NaN anywhere in the input gives a NaN loss, as the device path does. The kernel
@@ -303,11 +213,7 @@ impl FusedLovasz {
         let nan = solved.nan
             || (solved.unread_rows.par_iter()).any(|&r| {
                 let (b, c) = (r / c_n, r % c_n);
-                (0..s_n).any(|i| {
-                    data[self.order.index((c_n, s_n), b, c, i)]
-                        .to_f64()
-                        .is_nan()
-                })
+                (0..s_n).any(|i| data[order.index((c_n, s_n), b, c, i)].is_nan())
             });
         Ok(solved
             .losses
@@ -315,17 +221,15 @@ impl FusedLovasz {
             .map(|l| T::from_f64(if nan { f64::NAN } else { l }))
             .collect())
     }
-}
 
-impl FusedLovasz {
-    /// The loss spec, taken by the one forward pass.
-    fn take_spec(&self) -> Result<LossSpec> {
-        let spec = match self.spec.lock() {
+    /// The plan and the labels, taken by the one forward pass.
+    fn take_plan(&self) -> Result<(Plan, Vec<u32>)> {
+        let planned = match self.planned.lock() {
             Ok(mut slot) => slot.take(),
-            Err(_) => bail!("lovasz: loss spec poisoned by an earlier panic"),
+            Err(_) => bail!("lovasz: loss plan poisoned by an earlier panic"),
         };
-        match spec {
-            Some(spec) => Ok(spec),
+        match planned {
+            Some(planned) => Ok(planned),
             None => bail!("lovasz: the forward pass of this op ran twice (internal error)"),
         }
     }
@@ -381,7 +285,7 @@ impl CustomOp1 for FusedLovasz {
             return Ok(Some(if g[0] == 1.0 { a } else { a.affine(g[0], 0.0)? }));
         }
         let mut per_image = vec![1; arg.rank()];
-        per_image[0] = self.dims.0;
+        per_image[0] = self.call.dims.0;
         Ok(Some(a.broadcast_mul(&grad_res.reshape(per_image)?)?))
     }
 }

@@ -7,7 +7,9 @@ use candle::op::BackpropOp;
 use candle::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::{FusedLovasz, Prepared};
+use crate::config::Reduction;
 use crate::kernel::cuda::{solve, CudaReal};
+use crate::kernel::segmented::Segments;
 use crate::kernel::Output;
 
 impl FusedLovasz {
@@ -29,15 +31,10 @@ impl FusedLovasz {
         storage: &CudaStorage,
         layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let spec = self.take_spec()?;
-        let call = spec.call::<T>(
-            self.dims,
-            Output::Linear,
-            self.group_scale,
-            self.from_logits,
-        )?;
-        let (values, losses) = solve::<T>(storage, layout, &call, &spec.labels)?;
-        drop(spec);
+        let (plan, labels) = self.take_plan()?;
+        let segs = Segments::new(plan, T::DTYPE == DType::F64)?;
+        let (values, losses) = solve::<T>(storage, layout, &segs, &labels)?;
+        drop((segs, labels));
         let dev = storage.device().clone();
         let coefficients = CudaStorage::wrap_cuda_slice(values, dev.clone());
         self.keep(Tensor::from_storage(
@@ -55,24 +52,23 @@ impl FusedLovasz {
 
 impl Prepared {
     /// [`Prepared::weights`] of a CUDA input, computed on its device.
-    pub(super) fn cuda_weights(&self, group_scale: f64) -> Result<Tensor> {
+    pub(super) fn cuda_weights(&self, reduction: Reduction) -> Result<Tensor> {
         match self.x.dtype() {
-            DType::F32 => self.cuda_weights_as::<f32>(group_scale),
-            DType::F64 => self.cuda_weights_as::<f64>(group_scale),
+            DType::F32 => self.cuda_weights_as::<f32>(reduction),
+            DType::F64 => self.cuda_weights_as::<f64>(reduction),
             dt => bail!("lovasz: internal dtype {dt:?} (expected f32 or f64)"),
         }
     }
 
-    fn cuda_weights_as<T: CudaReal>(&self, group_scale: f64) -> Result<Tensor> {
+    fn cuda_weights_as<T: CudaReal>(&self, reduction: Reduction) -> Result<Tensor> {
         let x = self.x.contiguous()?;
-        let call = self
-            .spec
-            .call::<T>(self.dims, Output::Weights, group_scale, false)?;
+        let plan = self.plan(Output::Weights, reduction, false)?;
+        let segs = Segments::new(plan, T::DTYPE == DType::F64)?;
         let (storage, layout) = x.storage_and_layout();
         let Storage::Cuda(cuda) = &*storage else {
             bail!("lovasz: expected a CUDA tensor (internal error)")
         };
-        let (values, _) = solve::<T>(cuda, layout, &call, &self.spec.labels)?;
+        let (values, _) = solve::<T>(cuda, layout, &segs, &self.labels)?;
         let values = CudaStorage::wrap_cuda_slice(values, cuda.device().clone());
         Ok(Tensor::from_storage(
             Storage::Cuda(values),

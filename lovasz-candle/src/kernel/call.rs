@@ -1,6 +1,7 @@
-//! What the kernel is asked and what it returns: the loss described on host slices
-//! ([`Problem`], [`Selection`]), how each pixel's error is formed from its input and
-//! ground truth ([`ErrorKind`]), and the per-pixel output ([`Output`], [`Solved`]).
+//! What one loss call computes ([`Call`]: the input's dims and layout, how each pixel's
+//! error is formed ([`ErrorKind`]), what the kernel writes per pixel ([`Output`])), the
+//! classes it averages over ([`Selection`]), and what the kernel returns ([`Solved`]).
+//! [`crate::kernel::plan::Plan`] turns a call and its labels into jobs.
 
 use crate::kernel::real::Real;
 
@@ -48,25 +49,46 @@ pub(crate) enum ChannelOrder {
     Last,
 }
 
-/// A loss to weigh: inputs `[B, C, S]` (or `[B, S, C]`, see `order`) and labels `[B, S]`
-/// as host slices.
-pub(crate) struct Problem<'a, T> {
-    pub data: &'a [T],
-    /// The layout of `data`, and of the values the kernel returns.
+/// One loss call, whatever its data and device: inputs `[B, C, S]` (or `[B, S, C]`, see
+/// `order`) of which it computes what.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Call {
+    /// `(B, C, S)`: the input with its spatial axes (and, for binary losses, a unit class
+    /// axis) flattened, whichever the order of the class and spatial axes.
+    pub dims: (usize, usize, usize),
+    /// The layout of the input, and of the values the kernel returns.
     pub order: ChannelOrder,
-    /// Labels with void pixels set to [`VOID`](crate::input::VOID).
-    pub labels: &'a [u32],
-    pub batch: usize,
-    pub channels: usize,
-    pub spatial: usize,
-    pub per_image: bool,
     pub kind: ErrorKind,
     pub output: Output,
+    /// One group per image (the Jaccard index of each image), else one of the batch.
+    pub per_image: bool,
     /// A factor applied to every group (e.g. `1 / B` for a mean over images).
     pub group_scale: f64,
+    /// The input is logits: the softmax over the class axis is taken first, and the
+    /// coefficients turned into the gradient with respect to the logits at the end.
+    pub from_logits: bool,
 }
 
-impl<T> Problem<'_, T> {
+impl Call {
+    /// The call of a loss over inputs of `dims` in `order`: its linear form (the fused
+    /// op's output), no group scale, not from logits. Each use sets those three.
+    pub(crate) fn new(
+        dims: (usize, usize, usize),
+        order: ChannelOrder,
+        kind: ErrorKind,
+        per_image: bool,
+    ) -> Self {
+        Self {
+            dims,
+            order,
+            kind,
+            output: Output::Linear,
+            per_image,
+            group_scale: 1.0,
+            from_logits: false,
+        }
+    }
+
     /// Whether keys with errors `<= 0` are left out: a hinge error `<= 0` has relu weight
     /// 0 and sorts after every positive one, so it changes no other pixel's rank; in
     /// linear mode such pixels are left out (their coefficient stays 0). The weights `W`
@@ -75,11 +97,11 @@ impl<T> Problem<'_, T> {
         self.kind == ErrorKind::Hinge && self.output == Output::Linear
     }
 
-    /// The position in `data` (and in the output) of `channel` at `pixel` of `image`.
+    /// The position in the input (and in the output) of `channel` at `pixel` of `image`.
     #[inline]
     pub(crate) fn index(&self, image: usize, channel: usize, pixel: usize) -> usize {
-        let dims = (self.channels, self.spatial);
-        self.order.index(dims, image, channel, pixel)
+        let (_, c_n, s_n) = self.dims;
+        self.order.index((c_n, s_n), image, channel, pixel)
     }
 }
 
