@@ -180,7 +180,7 @@ struct Run {
 
 fn run(args: &Args, x: &Tensor, labels: &Tensor) -> Result<Run> {
     let var = Var::from_tensor(x)?;
-    let kept = lovasz_candle::cached_buffer_bytes();
+    let kept = lovasz_candle::memory::cached_buffer_bytes();
     let before = LIVE.load(Ordering::Relaxed);
     PEAK.store(before, Ordering::Relaxed);
     let start = Instant::now();

@@ -3,11 +3,10 @@
 use candle::{bail, Result, Tensor};
 
 use crate::config::Reduction;
-use crate::input::{
-    check_label_dims, check_not_empty, host_copy_forced, upcast, ClassAxes, HostLabels, VOID,
-};
+use crate::input::{check_label_dims, check_not_empty, upcast, ClassAxes, HostLabels, VOID};
 use crate::kernel::ChannelOrder;
 use crate::softmax_nll::softmax_nll;
+use crate::test_paths::host_copy_forced;
 
 /// Options of [`cross_entropy`]. `Default`: no ignore index, no class weights, mean,
 /// channels first.

@@ -1,46 +1,13 @@
 //! Input checks and host access: dtype and shape validation, labels copied to the host
 //! with void pixels marked, float tensors read as host slices (zero-copy on the CPU).
 
-use std::cell::Cell;
-
 use candle::{bail, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::test_paths::host_copy_forced;
+
 /// Host label value marking a void (ignored) pixel.
 pub(crate) const VOID: u32 = u32::MAX;
-
-thread_local! {
-    static FORCE_HOST_COPY: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Forces, on the current thread, the path that non-CPU devices take: inputs are copied to
-/// host memory instead of being read in place. Results must not change; this exists so that
-/// the device fallback can be tested on a machine without a GPU.
-#[doc(hidden)]
-pub fn force_host_copy(on: bool) {
-    FORCE_HOST_COPY.with(|f| f.set(on));
-}
-
-pub(crate) fn host_copy_forced() -> bool {
-    FORCE_HOST_COPY.with(|f| f.get())
-}
-
-thread_local! {
-    static FORCE_DEVICE_EMULATION: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs, on the current thread, the GPU path's composition on the CPU: the same planned
-/// chunks, keys, sorts, prefix counts and closed-form walk as the CUDA kernels, as host
-/// loops (`kernel::segmented::host`). Results must match the CPU kernel; this exists so
-/// that the device path can be tested on a machine without a GPU.
-#[doc(hidden)]
-pub fn force_device_emulation(on: bool) {
-    FORCE_DEVICE_EMULATION.with(|f| f.set(on));
-}
-
-pub(crate) fn device_emulation_forced() -> bool {
-    FORCE_DEVICE_EMULATION.with(|f| f.get())
-}
 
 /// Checks that `t` has a floating-point dtype and returns the dtype the loss is computed
 /// in: f32 for f16 / bf16 / f32, f64 for f64.

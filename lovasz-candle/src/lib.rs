@@ -62,23 +62,16 @@
 //! # Cargo features
 //!
 //! None is on by default (CPU only). `cuda`, `cudnn`, `metal`, `accelerate` and `mkl`
-//! turn on candle's (and candle-nn's) features of the same names.
+//! turn on candle's (and candle-nn's) features of the same names. `test-paths` is for
+//! tests: it adds `force_host_copy` and `force_device_emulation`, which send the losses
+//! down the Metal and CUDA paths on the CPU.
 //!
 //! # Memory
 //!
-//! The kernel's working memory is freed when a call returns, except when one (group,
-//! class) job is split over all threads (the binary losses per batch): its two key
-//! buffers are kept for the next call, up to [`CACHE_MAX_BYTES`] in all, since a training
-//! loop calls the loss with the same shapes at every step.
-//! [`release_cached_buffers`] frees them and [`cached_buffer_bytes`] tells their size.
-//!
-//! The coefficients the op keeps are as large as its input, and candle's backward pass
-//! writes a gradient sum of that size too. On Linux, glibc maps every block above 32 MiB
-//! freshly and unmaps it when freed, so a training loop pays for faulting in and zeroing
-//! those pages at every step (10–15 % of a 10×20×300×300 call's time on a 2-core VM).
-//! A training binary can tell glibc to keep freed memory for the next step, with
-//! `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647` or the
-//! matching `mallopt` calls at start-up; this crate leaves its host's allocator alone.
+//! The kernel's working memory is freed when a call returns, but for a small, bounded
+//! cache of sort buffers that the binary losses per batch reuse from one training step to
+//! the next; [`memory`] tells its size and frees it, and says how to keep the allocator
+//! from paying for fresh pages at every step.
 //!
 //! # Example
 //!
@@ -117,10 +110,12 @@ pub mod guide;
 mod input;
 mod jaccard;
 mod kernel;
+pub mod memory;
 pub mod metrics;
 mod op;
 mod softmax;
 mod softmax_nll;
+mod test_paths;
 #[cfg(test)]
 mod test_rng;
 
@@ -131,11 +126,10 @@ pub use binary::{
 };
 pub use config::{Classes, LovaszHingeConfig, LovaszSigmoidConfig, LovaszSoftmaxConfig, Reduction};
 pub use cross_entropy::{cross_entropy, CrossEntropyConfig};
-#[doc(hidden)]
-pub use input::{force_device_emulation, force_host_copy};
 pub use jaccard::lovasz_grad;
-pub use kernel::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
 pub use softmax::{lovasz_softmax, lovasz_softmax_weights, lovasz_softmax_with_logits};
+#[cfg(feature = "test-paths")]
+pub use test_paths::{force_device_emulation, force_host_copy};
 
 /// The crate README's examples, compiled and run by `cargo test --doc`.
 #[cfg(doctest)]

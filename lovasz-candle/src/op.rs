@@ -19,9 +19,10 @@ use rayon::prelude::*;
 
 use crate::channel_softmax::{softmax, softmax_backward};
 use crate::config::Reduction;
-use crate::input::{device_emulation_forced, host_copy_forced, with_host_slice};
+use crate::input::with_host_slice;
 use crate::kernel::segmented::host;
 use crate::kernel::{solve, Call, ChannelOrder, HostSort, Output, Plan, Selection};
+use crate::test_paths::{device_emulation_forced, host_copy_forced};
 
 /// A validated loss input: `x` in f32 or f64, read as `[B, C, S]` (or `[B, S, C]`), what
 /// the loss computes over it, its host labels and its classes.

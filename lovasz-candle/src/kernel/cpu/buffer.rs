@@ -69,7 +69,7 @@ pub(crate) fn working<T: ZeroBits>(v: &mut Vec<T>, n: usize) {
     v.truncate(n);
 }
 
-/// The most working memory, in bytes, kept between calls (see the crate docs, "Memory").
+/// The most working memory, in bytes, kept between calls.
 pub const CACHE_MAX_BYTES: usize = 16 << 20;
 
 /// Working buffers kept between calls, and their total size in bytes.
@@ -160,8 +160,8 @@ pub(crate) fn give_cached<T: Cached>(v: Vec<T>) {
 /// pixel of the group for f32 inputs, when they fit.
 ///
 /// ```
-/// lovasz_candle::release_cached_buffers();
-/// assert_eq!(lovasz_candle::cached_buffer_bytes(), 0);
+/// lovasz_candle::memory::release_cached_buffers();
+/// assert_eq!(lovasz_candle::memory::cached_buffer_bytes(), 0);
 /// ```
 pub fn release_cached_buffers() {
     // Buffers and count are emptied under one lock (a buffer given back in between would

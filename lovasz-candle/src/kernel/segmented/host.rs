@@ -1,7 +1,7 @@
 //! The [`Primitives`] on the host: each step as the plain loop a device kernel runs in
 //! parallel, over the same arrays. It is what tests run the device path's composition
-//! through on a machine without a GPU (and what the public losses use under
-//! [`crate::force_device_emulation`]).
+//! through on a machine without a GPU (and what the public losses use when the
+//! `test-paths` feature's `force_device_emulation` is on).
 
 use candle::{bail, DType, Result};
 
