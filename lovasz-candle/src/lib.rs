@@ -105,7 +105,6 @@ mod binary;
 mod channel_softmax;
 mod config;
 mod cross_entropy;
-mod fine_grained;
 pub mod guide;
 mod input;
 mod jaccard;

@@ -6,7 +6,9 @@ use candle::{bail, Result, Tensor};
 
 use crate::input::{host_preds_and_labels, VOID};
 
-pub use crate::fine_grained::FineGrainedIou;
+mod fine_grained;
+
+pub use fine_grained::FineGrainedIou;
 
 /// Options of [`iou_binary`] and [`iou`].
 #[derive(Debug, Clone, Copy, PartialEq)]
