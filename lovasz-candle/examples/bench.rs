@@ -303,8 +303,8 @@ fn main() -> Result<()> {
     } else {
         x.clone()
     };
-    // glibc's allocator settings change the time of fresh large buffers (see the README's
-    // "Speed"): the line names them so that a log tells which were in force.
+    // glibc's allocator settings change the time of fresh large buffers (see docs/benchmarks.md,
+    // "Fresh memory"): the line names them so that a log tells which were in force.
     let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| "unset".to_string());
     println!(
         "loss={:?} shape={:?} per_image={} dist={:?} threads={} GLIBC_TUNABLES={tunables}",
