@@ -102,7 +102,6 @@
 
 mod bce;
 mod binary;
-mod channel_softmax;
 mod config;
 mod cross_entropy;
 pub mod guide;

@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 use candle::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::channel_softmax::{softmax, softmax_backward};
 use crate::config::Reduction;
 use crate::input::with_host_slice;
 use crate::kernel::segmented::host;
+use crate::kernel::softmax::{softmax, softmax_backward};
 use crate::kernel::{solve, Call, ChannelOrder, HostSort, Output, Plan, Selection};
 use crate::test_paths::{device_emulation_forced, host_copy_forced};
 

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use candle::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::channel_softmax::softmax_image;
 use crate::input::VOID;
+use crate::kernel::softmax::softmax_image;
 use crate::kernel::{ChannelOrder, Real};
 
 /// `−log softmax(logits)_label` per pixel of `logits` (`[B, C, *spatial]`, or
@@ -231,8 +231,8 @@ impl CustomOp1 for SoftmaxNllGrad {
 #[cfg(test)]
 mod tests {
     use super::forward;
-    use crate::channel_softmax::softmax;
     use crate::input::VOID;
+    use crate::kernel::softmax::softmax;
     use crate::kernel::{ChannelOrder, Real};
 
     /// The cross-entropy's forward pass keeps the probabilities of the one channel

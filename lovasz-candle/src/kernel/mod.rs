@@ -48,7 +48,8 @@
 //! `cuda`) runs each step as a kernel of `cuda/lovasz.cu` or a CUB call on candle's
 //! stream; [`segmented::host`] runs them as host loops, which is how the tests check the
 //! device path's composition against [`cpu`] on any machine. The [`Plan`],
-//! the error keys ([`keys`]), the float operations ([`real`]) and the closed form
+//! the error keys ([`keys`]), the float operations ([`real`]), the channel softmax of a
+//! call from logits ([`softmax`], which the cross-entropy takes too) and the closed form
 //! ([`jaccard_walk`]) are shared.
 
 pub(crate) mod call;
@@ -61,6 +62,7 @@ pub(crate) mod label_counts;
 pub(crate) mod plan;
 pub(crate) mod real;
 pub(crate) mod segmented;
+pub(crate) mod softmax;
 
 pub(crate) use call::{Call, ChannelOrder, ClassEntry, ErrorKind, Output, Selection};
 pub use cpu::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};

@@ -7,10 +7,10 @@ use candle::{bail, DType, Result};
 
 use super::element::{key_of, locate, pixel_of, walk_slot};
 use super::{run, Chunk, Primitives, Segments, WALK_BLOCK};
-use crate::channel_softmax::{softmax, softmax_backward};
 use crate::kernel::call::{Output, Solved};
 use crate::kernel::plan::Plan;
 use crate::kernel::real::Real;
+use crate::kernel::softmax::{softmax, softmax_backward};
 
 /// The host backend's arrays: the input, the labels, the working set of the largest
 /// chunk, and the outputs.
