@@ -86,8 +86,12 @@ pub fn lovasz_hinge_weights(
         .reshape(logits.shape())
 }
 
-/// The hinge's problem, shared by [`lovasz_hinge`] and [`lovasz_hinge_weights`].
-fn prepare_hinge(logits: &Tensor, labels: &Tensor, cfg: &LovaszHingeConfig) -> Result<Prepared> {
+/// The hinge's call, shared by [`lovasz_hinge`] and [`lovasz_hinge_weights`].
+pub(crate) fn prepare_hinge(
+    logits: &Tensor,
+    labels: &Tensor,
+    cfg: &LovaszHingeConfig,
+) -> Result<Prepared> {
     prepare_binary(
         logits,
         labels,
@@ -173,9 +177,9 @@ pub fn lovasz_sigmoid_weights(
         .reshape(probas.shape())
 }
 
-/// The Lovász-Sigmoid's problem, shared by [`lovasz_sigmoid`] and
+/// The Lovász-Sigmoid's call, shared by [`lovasz_sigmoid`] and
 /// [`lovasz_sigmoid_weights`].
-fn prepare_sigmoid(
+pub(crate) fn prepare_sigmoid(
     probas: &Tensor,
     labels: &Tensor,
     cfg: &LovaszSigmoidConfig,

@@ -21,7 +21,10 @@ use crate::config::Reduction;
 use crate::input::with_host_slice;
 use crate::kernel::segmented::host;
 use crate::kernel::softmax::{softmax, softmax_backward};
-use crate::kernel::{solve, Call, ChannelOrder, HostSort, Output, Plan, Selection};
+use crate::kernel::{
+    plan_global, solve, solve_global, Call, ChannelOrder, HostSort, Output, Plan, Selection,
+};
+use crate::process_group::ProcessGroup;
 use crate::test_paths::{device_emulation_forced, host_copy_forced};
 
 /// A validated loss input: `x` in f32 or f64, read as `[B, C, S]` (or `[B, S, C]`), what
@@ -58,6 +61,75 @@ impl Prepared {
     /// the softmax Jacobian. Only where [`has_native_path`].
     pub fn loss_from_logits(self, reduction: Reduction) -> Result<Tensor> {
         sum_groups(self.fused(true, reduction)?, reduction)
+    }
+
+    /// The per-batch loss over the union of the batches of every rank of `group` (of
+    /// `softmax(x)` over the class axis when `from_logits`): the value is the same on every
+    /// rank, the gradient is this rank's slice of that loss's gradient. A scalar, or `[1]`
+    /// for `Reduction::None` (one group).
+    pub fn global_loss(
+        self,
+        reduction: Reduction,
+        from_logits: bool,
+        group: &dyn ProcessGroup,
+    ) -> Result<Tensor> {
+        let call = Call {
+            output: Output::Linear,
+            group_scale: 1.0,
+            from_logits,
+            ..self.call
+        };
+        let (dev, dtype) = (self.x.device().clone(), self.x.dtype());
+        let (a, loss) = match dtype {
+            DType::F32 => {
+                let (a, loss) = self.solve_global::<f32>(call, group)?;
+                (Tensor::from_vec(a, self.x.shape(), &dev)?, loss)
+            }
+            DType::F64 => {
+                let (a, loss) = self.solve_global::<f64>(call, group)?;
+                (Tensor::from_vec(a, self.x.shape(), &dev)?, loss)
+            }
+            dt => bail!("lovasz: internal dtype {dt:?} (expected f32 or f64)"),
+        };
+        // `t - t` is exactly 0 and carries the gradient `A` into `x`; the value is the
+        // loss over every rank's pixels, the same bits on every rank.
+        let t = (&self.x * a)?.sum_all()?;
+        let value = Tensor::new(loss, &dev)?.to_dtype(dtype)?;
+        let out = ((&t - t.detach())? + value)?;
+        match reduction {
+            Reduction::None => out.reshape(1),
+            Reduction::Mean | Reduction::Sum => Ok(out),
+        }
+    }
+
+    /// [`Self::global_loss`]'s coefficients `A` (in `x`'s layout) and loss, on the host.
+    fn solve_global<T: HostSort>(
+        &self,
+        call: Call,
+        group: &dyn ProcessGroup,
+    ) -> Result<(Vec<T>, f64)> {
+        let Call {
+            dims,
+            order,
+            from_logits,
+            ..
+        } = call;
+        let labels = &self.labels[..];
+        with_host_slice::<T, _>(&self.x, |d| {
+            let plan = plan_global::<T>(call, &self.selection, labels, group)?;
+            let probas;
+            let data = if from_logits {
+                probas = softmax(d, dims, order);
+                &probas[..]
+            } else {
+                d
+            };
+            let mut solved = solve_global(&plan, data, labels, group)?;
+            if from_logits {
+                softmax_backward(data, &mut solved.values, dims, order);
+            }
+            Ok((solved.values, solved.losses[0]))
+        })
     }
 
     /// The weight tensor `W`, shape `[B, C, S]`, detached, with `loss = Σ W ⊙ errors`

@@ -76,7 +76,11 @@ pub fn lovasz_softmax_weights(
     prepared.weights(cfg.reduction)?.reshape(probas.shape())
 }
 
-fn prepare(probas: &Tensor, labels: &Tensor, cfg: &LovaszSoftmaxConfig) -> Result<Prepared> {
+pub(crate) fn prepare(
+    probas: &Tensor,
+    labels: &Tensor,
+    cfg: &LovaszSoftmaxConfig,
+) -> Result<Prepared> {
     let dims = probas.dims();
     let axes = ClassAxes::of(dims, cfg.channels_last, "lovasz_softmax", "probas")?;
     check_not_empty(probas, "probas")?;

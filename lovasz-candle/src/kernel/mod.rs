@@ -66,7 +66,7 @@ pub(crate) mod softmax;
 
 pub(crate) use call::{Call, ChannelOrder, ClassEntry, ErrorKind, Output, Selection};
 pub use cpu::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
-pub(crate) use cpu::{solve, HostSort};
+pub(crate) use cpu::{plan_global, solve, solve_global, HostSort};
 pub(crate) use jaccard_walk::JaccardWalk;
 pub(crate) use plan::Plan;
 pub(crate) use real::Real;

@@ -29,10 +29,24 @@ pub(crate) struct Plan {
     pub jobs: Vec<Job>,
 }
 
+/// The label counts a plan is made from, per group: the pixels of each class (of the
+/// classes below `classes[g].len()`) and the non-void pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LabelCounts {
+    pub classes: Vec<Vec<u64>>,
+    pub valid: Vec<u64>,
+}
+
 impl Plan {
     /// Plans `call` for `labels` (`[B, S]`, void as [`VOID`]) and the classes of `sel`:
     /// groups, merged classes, label counts per group, jobs.
     pub fn new(call: Call, sel: &Selection, labels: &[u32]) -> Result<Self> {
+        let counts = Self::count(&call, sel, labels)?;
+        Self::from_counts(call, sel, counts)
+    }
+
+    /// The label counts of each group of `call` over `labels`, for the classes of `sel`.
+    pub fn count(call: &Call, sel: &Selection, labels: &[u32]) -> Result<LabelCounts> {
         let (b_n, c_n, s_n) = call.dims;
         if labels.len() != b_n * s_n {
             bail!(
@@ -44,7 +58,7 @@ impl Plan {
         let groups = group_ranges(b_n, s_n, call.per_image)?;
         let entries = merge_classes(sel, c_n)?;
         let max_class = entries.iter().map(|e| e.class as usize).max().unwrap_or(0);
-        let (counts, valid): (Vec<Vec<u64>>, Vec<u64>) = groups
+        let (classes, valid) = groups
             .par_iter()
             .map(|g| {
                 let labels = &labels[g.start * s_n..g.end * s_n];
@@ -52,11 +66,28 @@ impl Plan {
                 (count_labels(labels, max_class + 1), valid)
             })
             .unzip();
-        let jobs = jobs(&entries, sel.only_present, &counts, call.group_scale);
+        Ok(LabelCounts { classes, valid })
+    }
+
+    /// Plans `call` from the label `counts` of its groups ([`Plan::count`], or their sums
+    /// over the ranks of a process group).
+    pub fn from_counts(call: Call, sel: &Selection, counts: LabelCounts) -> Result<Self> {
+        let (b_n, c_n, s_n) = call.dims;
+        let groups = group_ranges(b_n, s_n, call.per_image)?;
+        if counts.classes.len() != groups.len() || counts.valid.len() != groups.len() {
+            bail!("lovasz kernel: label counts of another call (internal error)")
+        }
+        let entries = merge_classes(sel, c_n)?;
+        let jobs = jobs(
+            &entries,
+            sel.only_present,
+            &counts.classes,
+            call.group_scale,
+        );
         Ok(Self {
             call,
             groups,
-            valid,
+            valid: counts.valid,
             jobs,
         })
     }

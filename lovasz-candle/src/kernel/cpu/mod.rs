@@ -14,11 +14,13 @@
 //! | [`partition`] | the sort of one large job on all threads, by buckets of key ranges |
 //! | [`sorted`] | sorted keys across two buffers, read in pieces |
 //! | [`walk`] | the walk over the sorted keys that writes the outputs |
+//! | [`global`] | the per-batch loss over the union of a process group's batches |
 //! | [`layout`] | the outputs transposed to channels last, for such an input |
 //! | [`buffer`] | huge-page buffers, and the working memory kept between calls |
 
 mod buffer;
 mod build_keys;
+mod global;
 mod job;
 mod layout;
 mod partition;
@@ -32,6 +34,7 @@ use candle::{bail, Result};
 use rayon::prelude::*;
 
 pub use buffer::{cached_buffer_bytes, release_cached_buffers, CACHE_MAX_BYTES};
+pub(crate) use global::{plan_global, solve_global};
 pub(crate) use sort::HostSort;
 
 use crate::kernel::call::{Call, ChannelOrder, Solved};
