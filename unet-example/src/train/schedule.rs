@@ -222,13 +222,18 @@ impl EpochLoss {
 mod tests {
     use super::*;
 
+    /// The default options with `epochs` epochs, the last `finetune_epochs` fine-tuning.
+    fn finetuning(epochs: usize, finetune_epochs: usize) -> TrainConfig {
+        TrainConfig {
+            epochs,
+            finetune_epochs,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn phases_of_the_default_schedule() {
-        let cfg = TrainConfig {
-            epochs: 6,
-            finetune_epochs: 2,
-            ..Default::default()
-        };
+        let cfg = finetuning(6, 2);
         let schedule = RunSchedule::new(&cfg, 1);
         let phases: Vec<Phase> = (0..6).map(|e| schedule.phase(e)).collect();
         assert_eq!(phases[..4], [Phase::Ce; 4]);
@@ -244,10 +249,8 @@ mod tests {
     #[test]
     fn the_finetuning_lr_restarts_the_cosine_at_the_switch() {
         let cfg = TrainConfig {
-            epochs: 4,
-            finetune_epochs: 2,
             lr: 4e-3,
-            ..Default::default()
+            ..finetuning(4, 2)
         };
         let one_cosine = RunSchedule::new(&cfg, 10);
         assert_eq!(one_cosine.lr_at(0), 4e-3);
@@ -266,12 +269,7 @@ mod tests {
 
     #[test]
     fn validation_every_nth_epoch_the_last_and_before_finetuning() {
-        let cfg = TrainConfig {
-            epochs: 7,
-            finetune_epochs: 2,
-            ..Default::default()
-        };
-        let schedule = RunSchedule::new(&cfg, 1);
+        let schedule = RunSchedule::new(&finetuning(7, 2), 1);
         let validated: Vec<usize> = (0..7).filter(|&e| schedule.validates(e, 3)).collect();
         assert_eq!(validated, [2, 4, 5, 6]);
     }
