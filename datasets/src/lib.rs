@@ -68,7 +68,7 @@ pub use dataset::{class_counts, Dataset, Split};
 pub use equibatch::ClassPresence;
 pub use error::{Error, Result};
 pub use folder::FolderDataset;
-pub use palette::{mask_to_rgb, voc_palette, VOC_CLASS_NAMES, VOID_COLOUR};
+pub use palette::{mask_to_rgb, voc_colour, voc_palette, VOC_CLASS_NAMES, VOID_COLOUR};
 pub use sample::Sample;
 pub use shapes::{ShapesConfig, ShapesDataset};
 pub use transform::{Transform, TransformConfig};

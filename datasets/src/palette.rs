@@ -30,23 +30,24 @@ pub const VOC_CLASS_NAMES: [&str; 21] = [
     "tvmonitor",
 ];
 
-/// The first `n` colours of the Pascal VOC palette (`n <= 256`; index 0 is black,
-/// 1 is `(128, 0, 0)`, ...). Built with the VOC development kit's bit interleaving:
-/// bit `3k + c` of the class index becomes bit `7 - k` of colour channel `c`.
+/// The colour of label `index` in the Pascal VOC palette: 0 black, 1 `(128, 0, 0)`,
+/// 2 `(0, 128, 0)`, ..., 255 (void) [`VOID_COLOUR`]. Built with the VOC development kit's
+/// bit interleaving: bit `3k + c` of the index becomes bit `7 - k` of colour channel `c`.
+pub fn voc_colour(index: u8) -> [u8; 3] {
+    let mut rgb = [0u8; 3];
+    let mut c = index;
+    for k in 0..8 {
+        for (ch, value) in rgb.iter_mut().enumerate() {
+            *value |= ((c >> ch) & 1) << (7 - k);
+        }
+        c >>= 3;
+    }
+    rgb
+}
+
+/// The first `n` colours of the Pascal VOC palette (`n <= 256`; see [`voc_colour`]).
 pub fn voc_palette(n: usize) -> Vec<[u8; 3]> {
-    (0..n.min(256))
-        .map(|i| {
-            let mut rgb = [0u8; 3];
-            let mut c = i;
-            for k in 0..8 {
-                for (ch, value) in rgb.iter_mut().enumerate() {
-                    *value |= (((c >> ch) & 1) as u8) << (7 - k);
-                }
-                c >>= 3;
-            }
-            rgb
-        })
-        .collect()
+    (0..=u8::MAX).take(n).map(voc_colour).collect()
 }
 
 /// Colours a mask for display.
@@ -84,6 +85,16 @@ mod tests {
         assert_eq!(p[15], [192, 128, 128]);
         assert_eq!(p[20], [0, 64, 128]);
         assert_eq!(voc_palette(300).len(), 256);
+    }
+
+    #[test]
+    fn voc_colours_match_the_pascal_voc_palette() {
+        assert_eq!(voc_colour(0), [0, 0, 0]);
+        assert_eq!(voc_colour(1), [128, 0, 0]);
+        assert_eq!(voc_colour(2), [0, 128, 0]);
+        assert_eq!(voc_colour(3), [128, 128, 0]);
+        assert_eq!(voc_colour(15), [192, 128, 128]);
+        assert_eq!(voc_colour(255), VOID_COLOUR);
     }
 
     #[test]

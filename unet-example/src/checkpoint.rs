@@ -23,7 +23,7 @@ use candle::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic_file::{read_json, write_atomically, write_json};
-use crate::train::record::EpochRecord;
+use crate::train::EpochRecord;
 use crate::{Error, Result};
 
 /// `config.json`.

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::train::record::EpochRecord;
+use crate::train::EpochRecord;
 use crate::{Error, Result};
 
 /// DejaVu Sans 2.37 (Debian's fonts-dejavu-core; licence in `assets/`).
@@ -184,7 +184,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::schedule::Phase;
+    use crate::train::Phase;
 
     #[test]
     fn draws_a_png() {

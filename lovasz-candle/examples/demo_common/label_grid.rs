@@ -1,15 +1,16 @@
-//! The prediction figure: rows of label images in the Pascal VOC palette, each row
-//! titled on its left (ground truth, then the predictions of each run).
+//! The prediction figure: rows of label images in the Pascal VOC palette
+//! (`datasets::voc_colour`), each row titled on its left (ground truth, then the
+//! predictions of each run).
 
 use std::path::Path;
 
 use anyhow::{ensure, Result};
 use candle::{DType, Tensor};
+use datasets::voc_colour;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::canvas::Canvas;
-use super::palette::voc_colour;
 
 /// Width of the row titles, in pixels.
 const TITLE_WIDTH: u32 = 190;

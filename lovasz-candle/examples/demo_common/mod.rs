@@ -10,7 +10,6 @@ pub mod cli;
 pub mod curves;
 pub mod figures;
 pub mod label_grid;
-pub mod palette;
 pub mod runtime;
 pub mod training;
 pub mod triangles;

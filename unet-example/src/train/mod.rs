@@ -2,31 +2,36 @@
 //! fine-tuning), an epoch loop with checkpoints after every epoch, resumption, and the
 //! files a finished run leaves behind.
 //!
-//! - `schedule.rs`: [`Schedule`], [`Phase`], [`LovaszClasses`] and [`TrainConfig`] (the
-//!   training options, their validation, the loss of each epoch);
-//! - `run_config.rs`: [`RunConfig`] (`config.json`) and [`RunOptions`] (options of one
-//!   invocation that do not change the results);
-//! - `record.rs`: [`EpochRecord`] (a line of `metrics.csv`), [`StepTime`],
+//! - `config.rs`: [`TrainConfig`] (the options that define the results, and their
+//!   validation) with [`Sampling`], [`RunConfig`] (`config.json`) and [`RunOptions`]
+//!   (options of one invocation that do not change the results);
+//! - `schedule.rs`: [`Schedule`], [`Phase`], [`LovaszClasses`] and [`RunSchedule`]: for
+//!   each epoch its phase, its loss (the terms and their weights) and whether it ends
+//!   with a validation, and for each optimiser step its learning rate;
+//! - `trainer.rs`: the [`Trainer`]: a new, resumed or forked run, the epoch loop
+//!   ([`Trainer::run`], [`Trainer::run_until`]) with the state saved after each epoch,
+//!   [`Outcome`], and the final evaluation ([`Trainer::finish`]);
+//! - `data.rs`: the trainer's splits and training batches, and the check of the crop
+//!   against the training images;
+//! - `progress.rs`: how far a run has come (epochs, history, time, and what this
+//!   invocation did) and its `train_state.json`;
+//! - `invocation.rs`: the run folder and options of one invocation, and the preparation
+//!   of a folder for a new run;
+//! - `record.rs`: [`EpochRecord`] (a line of the log and of `metrics.csv`), [`StepTime`],
 //!   [`step_times`] and [`metrics_csv`];
-//! - `trainer.rs`: the [`Trainer`]: a new, resumed or forked run, and the state saved
-//!   after each epoch;
-//! - `epoch.rs`: the epoch loop ([`Trainer::run`], [`Trainer::run_until`]), the
-//!   learning rate of each step, and [`Outcome`];
-//! - `finish.rs`: [`Trainer::finish`], the final evaluation, and [`Summary`]
-//!   (`summary.json`).
+//! - `summary.rs`: [`Summary`] (`summary.json`).
 
-mod epoch;
-mod finish;
-pub(crate) mod record;
-mod run_config;
-pub(crate) mod schedule;
+mod config;
+mod data;
+mod invocation;
+mod progress;
+mod record;
+mod schedule;
+mod summary;
 mod trainer;
 
-pub use epoch::Outcome;
-pub use finish::Summary;
+pub use config::{RunConfig, RunOptions, Sampling, TrainConfig};
 pub use record::{metrics_csv, step_times, EpochRecord, StepTime};
-pub use run_config::{RunConfig, RunOptions};
-pub use schedule::{LovaszClasses, Phase, Sampling, Schedule, TrainConfig};
-pub use trainer::Trainer;
-// `spread` lives with the prediction grids; `train::spread` keeps working.
-pub use crate::visualise::spread;
+pub use schedule::{LovaszClasses, Phase, RunSchedule, Schedule};
+pub use summary::Summary;
+pub use trainer::{Outcome, Trainer};

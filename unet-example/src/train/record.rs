@@ -1,10 +1,12 @@
-//! The records of a run's epochs: one [`EpochRecord`] per epoch (the lines of
-//! `metrics.csv` and the history in `train_state.json`) and the mean step time per
+//! The records of a run's epochs: one [`EpochRecord`] per epoch (a line of the log, of
+//! `metrics.csv` and of the history in `train_state.json`) and the mean step time per
 //! phase computed from them.
 
 use serde::{Deserialize, Serialize};
+use tracing::info;
 
 use super::schedule::Phase;
+use crate::eval::percent;
 
 /// One epoch's line of `metrics.csv`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +35,30 @@ pub struct EpochRecord {
     pub train_seconds: f64,
     /// Seconds spent on validation.
     pub eval_seconds: f64,
+}
+
+impl EpochRecord {
+    /// Logs the epoch's losses, validation mIoU and times (of `epochs` in the run).
+    pub(super) fn log(&self, epochs: usize) {
+        let n = self.steps.max(1) as f64;
+        info!(
+            "epoch {}/{} [{}] loss {:.4} (ce {:.4}{}){} | {:.1}s train ({:.3}s/step), {:.1}s val",
+            self.epoch,
+            epochs,
+            self.phase.name(),
+            self.loss,
+            self.ce,
+            self.lovasz
+                .map_or(String::new(), |l| format!(", lovasz {l:.4}")),
+            self.val_miou.map_or(String::new(), |m| format!(
+                " val mIoU {}%",
+                percent(Some(m))
+            )),
+            self.train_seconds,
+            self.train_seconds / n,
+            self.eval_seconds
+        );
+    }
 }
 
 /// Mean seconds per training step by loss phase.

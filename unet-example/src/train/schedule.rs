@@ -1,13 +1,18 @@
-//! What a run trains: the loss schedule (cross-entropy first, then cross-entropy +
-//! λ·Lovász-Softmax fine-tuning), the loss of each epoch, and the training options with
-//! their validation.
+//! The training schedule: which loss each epoch optimises (cross-entropy first, then
+//! cross-entropy + λ·Lovász-Softmax fine-tuning, or one loss throughout), the terms and
+//! weights of that loss, the learning rate of each optimiser step, and the epochs that end
+//! with a validation. [`RunSchedule`] answers all of these for a run; nothing else
+//! computes them.
 
-use lovasz_candle::{Classes, LovaszSoftmaxConfig};
+use candle::Tensor;
+use lovasz_candle::{
+    cross_entropy, lovasz_softmax_with_logits, Classes, CrossEntropyConfig, LovaszSoftmaxConfig,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Norm, UNetConfig};
-use crate::optim::AdamWConfig;
-use crate::{Error, Result};
+use super::config::TrainConfig;
+use crate::optim::cosine_lr;
+use crate::Result;
 
 /// Which loss each epoch optimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -69,167 +74,48 @@ pub enum LovaszClasses {
     All,
 }
 
-/// How each epoch's batches are drawn from the training split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Sampling {
-    /// The paper's equibatch (`datasets::equibatch`): every class in each batch as far
-    /// as the data allows, every image once per epoch. The default.
-    Equibatch,
-    /// A plain shuffle (what runs written before this option used).
-    Shuffle,
+/// A run's schedule under its [`TrainConfig`]: the phase and loss of each epoch, the
+/// learning rate of each optimiser step, and the epochs that end with a validation.
+#[derive(Debug, Clone)]
+pub struct RunSchedule {
+    schedule: Schedule,
+    epochs: usize,
+    finetune_epochs: usize,
+    lr: f64,
+    finetune_lr: Option<f64>,
+    steps_per_epoch: u64,
+    ce_weight: f64,
+    lovasz_weight: f64,
+    lovasz: LovaszSoftmaxConfig,
 }
 
-impl Sampling {
-    /// The sampling of a `config.json` that does not name one: those runs shuffled.
-    fn before_the_option() -> Self {
-        Sampling::Shuffle
-    }
-}
-
-/// Everything that defines a training run (saved as `config.json` → `train`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    /// Data set: `brain`, `shapes[:SIZE[:LEN]]`, `folder:PATH` or `voc:PATH`.
-    pub dataset: String,
-    /// Number of classes (required for folders; checked against other sources).
-    pub num_classes: Option<usize>,
-    /// Loss schedule.
-    pub schedule: Schedule,
-    /// Total epochs.
-    pub epochs: usize,
-    /// The last this many epochs fine-tune with CE + λ·Lovász (`ce-then-finetune` only).
-    pub finetune_epochs: usize,
-    /// Peak learning rate of the cosine schedule over all epochs.
-    pub lr: f64,
-    /// If set, the fine-tuning phase restarts a cosine from this rate instead of
-    /// continuing the main schedule.
-    pub finetune_lr: Option<f64>,
-    /// λ, the weight of the Lovász-Softmax loss.
-    pub lovasz_weight: f64,
-    /// The weight of cross-entropy in the combined loss.
-    pub ce_weight: f64,
-    /// Lovász-Softmax per image (else over the whole batch).
-    pub per_image: bool,
-    /// Classes the Lovász-Softmax averages over.
-    pub lovasz_classes: LovaszClasses,
-    /// Images per batch.
-    pub batch_size: usize,
-    /// Training crop `(height, width)`; `None` trains on whole images.
-    pub crop: Option<(usize, usize)>,
-    /// Probability of a horizontal flip.
-    pub hflip: f32,
-    /// Scale jitter range; with a crop (or the whole image size as crop) it also shifts.
-    pub scale: (f32, f32),
-    /// Seed of the weights, data order and augmentation.
-    pub seed: u64,
-    /// How batches are drawn; configs written before this option read as `Shuffle`.
-    #[serde(default = "Sampling::before_the_option")]
-    pub sampling: Sampling,
-    /// AdamW options.
-    pub adamw: AdamWConfig,
-    /// U-Net depth.
-    pub depth: usize,
-    /// U-Net base width.
-    pub base_width: usize,
-    /// U-Net normalisation.
-    pub norm: Norm,
-}
-
-impl Default for TrainConfig {
-    /// The default run on the brain slices: a U-Net of widths 12/24/48/96 with batch norm,
-    /// the pilot's optimiser and batches (AdamW 4e-3 with cosine decay, batch 4, flip and
-    /// scale/shift augmentation), equibatch sampling, 180 epochs: CE, then CE + Lovász for
-    /// the last half. The network's shape is [`UNetConfig::default`]'s.
-    fn default() -> Self {
-        let model = UNetConfig::default();
-        TrainConfig {
-            dataset: "brain".to_string(),
-            num_classes: None,
-            schedule: Schedule::CeThenFinetune,
-            epochs: 180,
-            finetune_epochs: 90,
-            lr: 4e-3,
-            finetune_lr: None,
-            lovasz_weight: 1.0,
-            ce_weight: 1.0,
-            per_image: false,
-            lovasz_classes: LovaszClasses::Present,
-            batch_size: 4,
-            crop: None,
-            hflip: 0.5,
-            scale: (0.9, 1.1),
-            seed: 0,
-            sampling: Sampling::Equibatch,
-            adamw: AdamWConfig::default(),
-            depth: model.depth,
-            base_width: model.base_width,
-            norm: model.norm,
+impl RunSchedule {
+    /// The schedule of `cfg` with `steps_per_epoch` optimiser steps in every epoch.
+    pub fn new(cfg: &TrainConfig, steps_per_epoch: usize) -> Self {
+        RunSchedule {
+            schedule: cfg.schedule,
+            epochs: cfg.epochs,
+            finetune_epochs: cfg.finetune_epochs,
+            lr: cfg.lr,
+            finetune_lr: cfg.finetune_lr,
+            steps_per_epoch: steps_per_epoch as u64,
+            ce_weight: cfg.ce_weight,
+            lovasz_weight: cfg.lovasz_weight,
+            lovasz: LovaszSoftmaxConfig {
+                classes: match cfg.lovasz_classes {
+                    LovaszClasses::Present => Classes::Present,
+                    LovaszClasses::All => Classes::All,
+                },
+                per_image: cfg.per_image,
+                ignore_index: Some(datasets::VOID),
+                ..Default::default()
+            },
         }
     }
-}
 
-impl TrainConfig {
-    /// Checks the options that do not need the data.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Usage(m));
-        if self.epochs == 0 {
-            return bad("--epochs must be at least 1".to_string());
-        }
-        if self.schedule == Schedule::CeThenFinetune && self.finetune_epochs > self.epochs {
-            return bad(format!(
-                "--finetune-epochs {} is more than --epochs {}",
-                self.finetune_epochs, self.epochs
-            ));
-        }
-        for (name, v) in [
-            ("--lr", self.lr),
-            ("--finetune-lr", self.finetune_lr.unwrap_or(1.0)),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return bad(format!("{name} must be a positive number, got {v}"));
-            }
-        }
-        for (name, v) in [
-            ("--lambda", self.lovasz_weight),
-            ("--ce-weight", self.ce_weight),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(format!("{name} must be >= 0, got {v}"));
-            }
-        }
-        if self.batch_size == 0 {
-            return bad("--batch-size must be at least 1".to_string());
-        }
-        if !(0.0..=1.0).contains(&self.hflip) {
-            return bad(format!("--hflip {} is not a probability", self.hflip));
-        }
-        let (lo, hi) = self.scale;
-        if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
-            return bad(format!("scale range {lo}..{hi} is not 0 < min <= max"));
-        }
-        self.model_config(1, 2).validate()?;
-        if let Some((h, w)) = self.crop {
-            let m = 1 << (self.depth.clamp(1, 8) - 1);
-            if h == 0 || w == 0 || h % m != 0 || w % m != 0 {
-                return bad(format!(
-                    "--crop {h}x{w}: a U-Net of depth {} needs sides that are positive multiples of {m}",
-                    self.depth
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The U-Net for `channels` input channels and `classes` classes.
-    pub fn model_config(&self, channels: usize, classes: usize) -> UNetConfig {
-        UNetConfig {
-            in_channels: channels,
-            num_classes: classes,
-            depth: self.depth,
-            base_width: self.base_width,
-            norm: self.norm,
-        }
+    /// Optimiser steps per epoch.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.steps_per_epoch
     }
 
     /// The loss of epoch `epoch` (from 0).
@@ -254,17 +140,81 @@ impl TrainConfig {
             .then(|| self.epochs - self.finetune_epochs)
     }
 
-    /// The Lovász-Softmax options of the training loss.
-    pub(super) fn lovasz_config(&self) -> LovaszSoftmaxConfig {
-        LovaszSoftmaxConfig {
-            classes: match self.lovasz_classes {
-                LovaszClasses::Present => Classes::Present,
-                LovaszClasses::All => Classes::All,
-            },
-            per_image: self.per_image,
-            ignore_index: Some(datasets::VOID),
-            ..Default::default()
+    /// The learning rate of optimiser step `step` (from 0): one cosine over all steps,
+    /// or, with a fine-tuning learning rate, a second cosine from the switch epoch on.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let spe = self.steps_per_epoch;
+        let total = self.epochs as u64 * spe;
+        match (self.switch_epoch(), self.finetune_lr) {
+            (Some(switch), Some(ft_lr)) if step >= switch as u64 * spe => {
+                let start = switch as u64 * spe;
+                cosine_lr(ft_lr, step - start, total - start)
+            }
+            _ => cosine_lr(self.lr, step, total),
         }
+    }
+
+    /// Whether epoch `epoch` (from 0) ends with a validation: every `every`-th epoch, the
+    /// last one, and the last before the fine-tuning phase.
+    pub fn validates(&self, epoch: usize, every: usize) -> bool {
+        let n = epoch + 1;
+        n.is_multiple_of(every.max(1)) || n == self.epochs || self.switch_epoch() == Some(n)
+    }
+
+    /// The loss epoch `epoch` (from 0) optimises: its phase's terms and their weights.
+    pub(super) fn loss(&self, epoch: usize) -> EpochLoss {
+        EpochLoss {
+            phase: self.phase(epoch),
+            ce: CrossEntropyConfig {
+                ignore_index: Some(datasets::VOID),
+                ..Default::default()
+            },
+            lovasz: self.lovasz.clone(),
+            ce_weight: self.ce_weight,
+            lovasz_weight: self.lovasz_weight,
+        }
+    }
+}
+
+/// The loss an epoch optimises and the options of its terms.
+pub(super) struct EpochLoss {
+    phase: Phase,
+    ce: CrossEntropyConfig,
+    lovasz: LovaszSoftmaxConfig,
+    ce_weight: f64,
+    lovasz_weight: f64,
+}
+
+impl EpochLoss {
+    /// The phase this loss belongs to.
+    pub(super) fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The optimised loss, the cross-entropy (detached when not optimised) and the
+    /// Lovász-Softmax (when part of the loss) of one batch's logits.
+    pub(super) fn of_batch(
+        &self,
+        logits: &Tensor,
+        masks: &Tensor,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        Ok(match self.phase {
+            Phase::Ce => {
+                let ce = cross_entropy(logits, masks, &self.ce)?;
+                (ce.clone(), ce, None)
+            }
+            Phase::Lovasz => {
+                let ce = cross_entropy(&logits.detach(), masks, &self.ce)?;
+                let lov = lovasz_softmax_with_logits(logits, masks, &self.lovasz)?;
+                ((&lov * self.lovasz_weight)?, ce, Some(lov))
+            }
+            Phase::Combined => {
+                let ce = cross_entropy(logits, masks, &self.ce)?;
+                let lov = lovasz_softmax_with_logits(logits, masks, &self.lovasz)?;
+                let loss = ((&ce * self.ce_weight)? + (&lov * self.lovasz_weight)?)?;
+                (loss, ce, Some(lov))
+            }
+        })
     }
 }
 
@@ -272,73 +222,55 @@ impl TrainConfig {
 mod tests {
     use super::*;
 
-    #[test]
-    fn configs_written_before_the_sampling_option_shuffle() {
-        let mut json = serde_json::to_value(TrainConfig::default()).unwrap();
-        json.as_object_mut().unwrap().remove("sampling");
-        let cfg: TrainConfig = serde_json::from_value(json).unwrap();
-        assert_eq!(cfg.sampling, Sampling::Shuffle);
-        let cfg = TrainConfig {
-            sampling: Sampling::Equibatch,
-            ..cfg
-        };
-        assert_eq!(cfg, TrainConfig::default());
+    /// The default options with `epochs` epochs, the last `finetune_epochs` fine-tuning.
+    fn finetuning(epochs: usize, finetune_epochs: usize) -> TrainConfig {
+        TrainConfig {
+            epochs,
+            finetune_epochs,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn phases_of_the_default_schedule() {
-        let cfg = TrainConfig {
-            epochs: 6,
-            finetune_epochs: 2,
-            ..Default::default()
-        };
-        let phases: Vec<Phase> = (0..6).map(|e| cfg.phase(e)).collect();
+        let cfg = finetuning(6, 2);
+        let schedule = RunSchedule::new(&cfg, 1);
+        let phases: Vec<Phase> = (0..6).map(|e| schedule.phase(e)).collect();
         assert_eq!(phases[..4], [Phase::Ce; 4]);
         assert_eq!(phases[4..], [Phase::Combined; 2]);
-        assert_eq!(cfg.switch_epoch(), Some(4));
+        assert_eq!(schedule.switch_epoch(), Some(4));
         let ce = TrainConfig {
             schedule: Schedule::Ce,
             ..cfg
         };
-        assert_eq!(ce.switch_epoch(), None);
+        assert_eq!(RunSchedule::new(&ce, 1).switch_epoch(), None);
     }
 
     #[test]
-    fn validation_rejects_bad_options() {
-        let ok = TrainConfig::default();
-        assert!(ok.validate().is_ok());
-        let cases = [
-            TrainConfig {
-                epochs: 0,
-                ..ok.clone()
+    fn the_finetuning_lr_restarts_the_cosine_at_the_switch() {
+        let cfg = TrainConfig {
+            lr: 4e-3,
+            ..finetuning(4, 2)
+        };
+        let one_cosine = RunSchedule::new(&cfg, 10);
+        assert_eq!(one_cosine.lr_at(0), 4e-3);
+        assert_eq!(one_cosine.lr_at(20), cosine_lr(4e-3, 20, 40));
+        let restarted = RunSchedule::new(
+            &TrainConfig {
+                finetune_lr: Some(1e-3),
+                ..cfg
             },
-            TrainConfig {
-                finetune_epochs: ok.epochs + 1,
-                ..ok.clone()
-            },
-            TrainConfig {
-                lr: -1.0,
-                ..ok.clone()
-            },
-            TrainConfig {
-                batch_size: 0,
-                ..ok.clone()
-            },
-            TrainConfig {
-                crop: Some((100, 96)),
-                ..ok.clone()
-            },
-            TrainConfig {
-                depth: 0,
-                ..ok.clone()
-            },
-            TrainConfig {
-                lovasz_weight: f64::NAN,
-                ..ok.clone()
-            },
-        ];
-        for c in cases {
-            assert!(c.validate().is_err(), "{c:?}");
-        }
+            10,
+        );
+        assert_eq!(restarted.lr_at(19), cosine_lr(4e-3, 19, 40));
+        assert_eq!(restarted.lr_at(20), 1e-3);
+        assert_eq!(restarted.lr_at(30), cosine_lr(1e-3, 10, 20));
+    }
+
+    #[test]
+    fn validation_every_nth_epoch_the_last_and_before_finetuning() {
+        let schedule = RunSchedule::new(&finetuning(7, 2), 1);
+        let validated: Vec<usize> = (0..7).filter(|&e| schedule.validates(e, 3)).collect();
+        assert_eq!(validated, [2, 4, 5, 6]);
     }
 }

@@ -1,60 +1,60 @@
-//! The [`Trainer`]: a U-Net, its optimiser, its data and its run folder. This file
-//! builds one (a new run, a resumed one, or a fork of another), gives access to its
-//! parts, and saves its state after an epoch; the epoch loop is in `epoch.rs` and the
-//! final evaluation in `finish.rs`.
+//! The [`Trainer`]: a U-Net, its optimiser, its data and its run folder. It is built for
+//! a new run, a resumed one, or a fork of another; trains epoch by epoch (each epoch: the
+//! optimiser steps, validation, a record, a save) until done or told to stop
+//! ([`Outcome`]); and ends with the final evaluation and `summary.json`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
+use std::time::Instant;
 
-use candle::Device;
-use datasets::{Batcher, ClassPresence, Dataset, Split, Transform, TransformConfig};
+use candle::{Device, Tensor};
+use datasets::Dataset;
+use indicatif::{ProgressBar, ProgressStyle};
 use tracing::info;
 
-use super::record::{metrics_csv, EpochRecord};
-use super::run_config::{RunConfig, RunOptions};
-use super::schedule::{Sampling, Schedule, TrainConfig};
+use super::config::{RunConfig, RunOptions, TrainConfig};
+use super::data::{batch_error, Splits, TrainingData};
+use super::invocation::Invocation;
+use super::progress::Progress;
+use super::record::{metrics_csv, step_times, EpochRecord};
+use super::schedule::{Phase, RunSchedule, Schedule};
+use super::summary::Summary;
 use crate::atomic_file::{write_bytes, write_json};
 use crate::checkpoint::{
-    self, checkpoint_name, TrainState, CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE,
-    PREDICTIONS_FILE, STATE_FILE, SUMMARY_FILE,
+    self, CURVES_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, SUMMARY_FILE,
 };
-use crate::data::{open_split, DataInfo, DataSpec, Normalisation};
+use crate::data::{DataInfo, DataSpec, Normalisation};
+use crate::eval::{confusion, evaluate, EvalReport};
 use crate::model::UNet;
 use crate::optim::AdamW;
-use crate::{plot, Error, Result};
+use crate::{plot, visualise, Error, Result};
 
-#[derive(Clone)]
-pub(super) struct Splits {
-    pub(super) train: Arc<dyn Dataset>,
-    pub(super) val: Arc<dyn Dataset>,
-    pub(super) test: Arc<dyn Dataset>,
-}
-
-impl Splits {
-    fn open(spec: &DataSpec, num_classes: Option<usize>) -> Result<Self> {
-        Ok(Splits {
-            train: open_split(spec, Split::Train, num_classes)?,
-            val: open_split(spec, Split::Val, num_classes)?,
-            test: open_split(spec, Split::Test, num_classes)?,
-        })
-    }
+/// How [`Trainer::run`] ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// All epochs done; summary and figures written.
+    Finished(Box<Summary>),
+    /// Stopped after an epoch as asked (`stop_after_epochs`); resumable.
+    Stopped {
+        /// Epochs completed.
+        epoch: usize,
+    },
+    /// Stopped mid-epoch as asked (`stop_after_steps`); resumable from the last epoch.
+    Interrupted {
+        /// Epochs completed (the interrupted one is not).
+        epoch: usize,
+    },
 }
 
 /// A U-Net, its optimiser, its data and its run folder, trained epoch by epoch.
 pub struct Trainer {
-    pub(super) run: RunConfig,
-    pub(super) splits: Splits,
-    pub(super) batcher: Batcher,
-    pub(super) model: UNet,
-    pub(super) opt: AdamW,
-    pub(super) epoch: usize,
-    pub(super) history: Vec<EpochRecord>,
-    pub(super) train_seconds: f64,
-    pub(super) out: Option<PathBuf>,
-    pub(super) options: RunOptions,
-    pub(super) steps_this_run: usize,
-    pub(super) epochs_this_run: usize,
+    run: RunConfig,
+    schedule: RunSchedule,
+    data: TrainingData,
+    model: UNet,
+    opt: AdamW,
+    progress: Progress,
+    invocation: Invocation,
 }
 
 impl Trainer {
@@ -70,8 +70,8 @@ impl Trainer {
         cfg.validate()?;
         let spec: DataSpec = cfg.dataset.parse()?;
         let splits = Splits::open(&spec, cfg.num_classes)?;
-        let data = DataInfo::of(&*splits.train);
-        let normalisation = Normalisation::measure(&*splits.train, 256)?;
+        let data = DataInfo::of(splits.train());
+        let normalisation = Normalisation::measure(splits.train(), 256)?;
         let model = cfg.model_config(data.channels, data.num_classes);
         let run = RunConfig {
             train: cfg,
@@ -79,11 +79,9 @@ impl Trainer {
             data,
             normalisation,
         };
-        if let Some(dir) = out {
-            prepare_output(dir, options.overwrite)?;
-            write_json(&dir.join(CONFIG_FILE), &run)?;
-        }
-        Trainer::assemble(run, splits, device, out, options)
+        let invocation = Invocation::new(out, options);
+        invocation.start(&run)?;
+        Trainer::assemble(run, splits, device, invocation, Progress::default())
     }
 
     /// Continues the run in `dir` from its last completed epoch. The options come from
@@ -94,25 +92,24 @@ impl Trainer {
         let (state, tensors, ckpt) = checkpoint::load_state(dir)?;
         let spec: DataSpec = run.train.dataset.parse()?;
         let splits = Splits::open(&spec, run.train.num_classes)?;
-        if splits.train.num_classes() != run.model.num_classes {
+        if splits.train().num_classes() != run.model.num_classes {
             return Err(Error::ClassMismatch {
-                data: splits.train.num_classes(),
+                data: splits.train().num_classes(),
                 model: run.model.num_classes,
             });
         }
-        let mut t = Trainer::assemble(run, splits, device, Some(dir), options)?;
+        let steps = state.steps;
+        let invocation = Invocation::new(Some(dir), options);
+        let mut t = Trainer::assemble(run, splits, device, invocation, Progress::restored(state))?;
         let (adam, weights): (HashMap<_, _>, HashMap<_, _>) = tensors
             .into_iter()
             .partition(|(k, _)| k.starts_with("adam."));
         t.model.set_tensors(&weights, &ckpt)?;
-        t.opt.load_state(&adam, state.steps, &ckpt)?;
-        t.epoch = state.epoch;
-        t.history = state.history;
-        t.train_seconds = state.train_seconds;
+        t.opt.load_state(&adam, steps, &ckpt)?;
         info!(
             "resuming {} at epoch {}/{}",
             dir.display(),
-            t.epoch,
+            t.progress.epoch(),
             t.run.train.epochs
         );
         Ok(t)
@@ -124,26 +121,17 @@ impl Trainer {
     pub fn fork(&self, schedule: Schedule, out: Option<&Path>) -> Result<Self> {
         let mut run = self.run.clone();
         run.train.schedule = schedule;
-        if let Some(dir) = out {
-            prepare_output(dir, self.options.overwrite)?;
-            write_json(&dir.join(CONFIG_FILE), &run)?;
-        }
+        let invocation = Invocation::new(out, self.invocation.options().clone());
+        invocation.start(&run)?;
         let device = self.model.device().clone();
-        let mut t =
-            Trainer::assemble(run, self.splits.clone(), &device, out, self.options.clone())?;
-        t.model
-            .set_tensors(&self.model.tensors()?, Path::new("<in-memory fork>"))?;
-        t.opt.load_state(
-            &self.opt.state_tensors(),
-            self.opt.steps(),
-            Path::new("<in-memory fork>"),
-        )?;
-        t.epoch = self.epoch;
-        t.history = self.history.clone();
-        t.train_seconds = self.train_seconds;
-        if t.out.is_some() {
-            t.save()?;
-        }
+        let splits = self.data.splits().clone();
+        let progress = self.progress.continued();
+        let mut t = Trainer::assemble(run, splits, &device, invocation, progress)?;
+        let origin = Path::new("<in-memory fork>");
+        t.model.set_tensors(&self.model.tensors()?, origin)?;
+        t.opt
+            .load_state(&self.opt.state_tensors(), self.opt.steps(), origin)?;
+        t.save()?;
         Ok(t)
     }
 
@@ -151,64 +139,38 @@ impl Trainer {
         run: RunConfig,
         splits: Splits,
         device: &Device,
-        out: Option<&Path>,
-        options: RunOptions,
+        invocation: Invocation,
+        progress: Progress,
     ) -> Result<Self> {
-        let cfg = &run.train;
-        let model = UNet::new(&run.model, cfg.seed, device, options.layers)?;
-        crate::eval::check_compatible(&model, &*splits.train)?;
-        let opt = AdamW::new(model.trainable_vars(), cfg.adamw)?;
-        let first = splits.train.get(0)?;
-        // One pass over the training images serves the crop check and equibatch.
-        let scan = (cfg.crop.is_some() || cfg.sampling == Sampling::Equibatch)
-            .then(|| TrainingScan::of(&*splits.train))
-            .transpose()?;
-        if let (Some(crop), Some(scan)) = (cfg.crop, &scan) {
-            scan.check_crop_fits(crop)?;
-        }
-        let crop = cfg.crop.or_else(|| {
-            // Scale jitter needs a crop back to a fixed size (which also shifts).
-            (cfg.scale != (1.0, 1.0)).then_some((first.height, first.width))
-        });
-        let transform = Transform::new(TransformConfig {
-            crop,
-            hflip: cfg.hflip,
-            scale: cfg.scale,
-            mean: run.normalisation.mean.clone(),
-            std: run.normalisation.std.clone(),
-            ..Default::default()
-        })?;
-        let batcher = Batcher::new(Arc::clone(&splits.train))
-            .batch_size(cfg.batch_size)
-            .shuffle(cfg.seed);
-        let batcher = match (cfg.sampling, scan) {
-            (Sampling::Equibatch, Some(scan)) => batcher.equibatch_with(scan.classes, cfg.seed)?,
-            _ => batcher,
-        };
-        let batcher = batcher
-            .drop_last(false)
-            .transform(transform)
-            .device(device)
-            .prefetch(true);
+        let model = UNet::new(
+            &run.model,
+            run.train.seed,
+            device,
+            invocation.options().layers,
+        )?;
+        crate::eval::check_compatible(&model, splits.train())?;
+        let opt = AdamW::new(model.trainable_vars(), run.train.adamw)?;
+        let data = TrainingData::new(splits, &run, device)?;
+        let schedule = RunSchedule::new(&run.train, data.steps_per_epoch());
         Ok(Trainer {
             run,
-            splits,
-            batcher,
+            schedule,
+            data,
             model,
             opt,
-            epoch: 0,
-            history: Vec::new(),
-            train_seconds: 0.0,
-            out: out.map(Path::to_path_buf),
-            options,
-            steps_this_run: 0,
-            epochs_this_run: 0,
+            progress,
+            invocation,
         })
     }
 
     /// The run's configuration.
     pub fn config(&self) -> &RunConfig {
         &self.run
+    }
+
+    /// The run's schedule: the loss of each epoch and the learning rate of each step.
+    pub fn schedule(&self) -> &RunSchedule {
+        &self.schedule
     }
 
     /// The network being trained.
@@ -218,123 +180,210 @@ impl Trainer {
 
     /// Epochs completed.
     pub fn epoch(&self) -> usize {
-        self.epoch
+        self.progress.epoch()
     }
 
     /// One record per completed epoch.
     pub fn history(&self) -> &[EpochRecord] {
-        &self.history
+        self.progress.history()
     }
 
     /// The run folder, if any.
     pub fn output(&self) -> Option<&Path> {
-        self.out.as_deref()
+        self.invocation.out()
     }
 
-    /// Writes the checkpoint, `train_state.json`, `model.safetensors`, `metrics.csv`
-    /// and `curves.png` for the current epoch.
-    pub(super) fn save(&self) -> Result<()> {
-        let Some(dir) = &self.out else {
+    /// Trains until all epochs are done (then writes the summary and figures), or until
+    /// a stop option says to stop.
+    pub fn run(&mut self) -> Result<Outcome> {
+        let total = self.run.train.epochs;
+        if let Some(o) = self.run_until(total)? {
+            return Ok(o);
+        }
+        Ok(Outcome::Finished(Box::new(self.finish()?)))
+    }
+
+    /// Trains until `epoch` epochs are completed; `Some` when a stop option cut it short.
+    pub fn run_until(&mut self, epoch: usize) -> Result<Option<Outcome>> {
+        let target = epoch.min(self.run.train.epochs);
+        while self.progress.epoch() < target {
+            let done = self.progress.epochs_this_run();
+            if self
+                .invocation
+                .options()
+                .stop_after_epochs
+                .is_some_and(|n| done >= n)
+            {
+                info!("stopping after {done} epoch(s) as asked");
+                let epoch = self.progress.epoch();
+                return Ok(Some(Outcome::Stopped { epoch }));
+            }
+            if !self.train_epoch()? {
+                let epoch = self.progress.epoch();
+                return Ok(Some(Outcome::Interrupted { epoch }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// One epoch; `false` if a stop option interrupted it (nothing saved).
+    fn train_epoch(&mut self) -> Result<bool> {
+        let e = self.progress.epoch();
+        let epoch_loss = self.schedule.loss(e);
+        let phase = epoch_loss.phase();
+        let bar = self.progress_bar(phase);
+        let stop_after_steps = self.invocation.options().stop_after_steps;
+        let start = Instant::now();
+        let (mut loss_sum, mut ce_sum, mut lov_sum, mut steps) = (0f64, 0f64, 0f64, 0usize);
+        let mut lr = self.schedule.lr_at(self.opt.steps());
+        for batch in self.data.epoch(e) {
+            if stop_after_steps.is_some_and(|n| self.progress.steps_this_run() >= n) {
+                bar.abandon();
+                info!("interrupted in epoch {} as asked", e + 1);
+                return Ok(false);
+            }
+            let (images, masks) = batch.map_err(batch_error)?;
+            let logits = self.model.forward_t(&images, true)?;
+            let (loss, ce, lovasz) = epoch_loss.of_batch(&logits, &masks)?;
+            lr = self.schedule.lr_at(self.opt.steps());
+            let grads = loss.backward()?;
+            self.opt.step(&grads, lr)?;
+            let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
+            loss_sum += scalar(&loss)?;
+            ce_sum += scalar(&ce)?;
+            if let Some(l) = &lovasz {
+                lov_sum += scalar(l)?;
+            }
+            steps += 1;
+            self.progress.step();
+            bar.inc(1);
+            bar.set_message(format!("loss {:.4}", loss_sum / steps as f64));
+        }
+        bar.finish_and_clear();
+        let train_seconds = start.elapsed().as_secs_f64();
+        let eval_start = Instant::now();
+        let options = self.invocation.options();
+        let cm = if self.schedule.validates(e, options.val_every) {
+            let val = self.data.splits().val();
+            let norm = &self.run.normalisation;
+            Some(confusion(&self.model, val, norm, options.eval_batch_size)?)
+        } else {
+            None
+        };
+        let eval_seconds = eval_start.elapsed().as_secs_f64();
+        let n = steps.max(1) as f64;
+        let record = EpochRecord {
+            epoch: e + 1,
+            phase,
+            lr,
+            loss: loss_sum / n,
+            ce: ce_sum / n,
+            lovasz: (phase != Phase::Ce).then_some(lov_sum / n),
+            val_miou: cm.as_ref().and_then(|cm| cm.mean_iou()),
+            val_pixel_accuracy: cm.as_ref().and_then(|cm| cm.pixel_accuracy()),
+            val_iou: cm.map_or_else(
+                || vec![None; self.run.data.num_classes],
+                |cm| cm.iou_per_class(),
+            ),
+            steps,
+            train_seconds,
+            eval_seconds,
+        };
+        record.log(self.run.train.epochs);
+        self.progress.end_epoch(record);
+        self.save()?;
+        Ok(true)
+    }
+
+    /// The progress bar of the current epoch (hidden unless `options.progress`).
+    fn progress_bar(&self, phase: Phase) -> ProgressBar {
+        if !self.invocation.options().progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(self.schedule.steps_per_epoch());
+        let style = ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+        )
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar.set_prefix(format!(
+            "epoch {}/{} {}",
+            self.progress.epoch() + 1,
+            self.run.train.epochs,
+            phase.name()
+        ));
+        bar
+    }
+
+    /// With a run folder: writes the checkpoint, `train_state.json`,
+    /// `model.safetensors`, `metrics.csv` and `curves.png` for the current epoch.
+    fn save(&self) -> Result<()> {
+        let Some(dir) = self.invocation.out() else {
             return Ok(());
         };
-        let state = TrainState {
-            epoch: self.epoch,
-            steps: self.opt.steps(),
-            seed: self.run.train.seed,
-            checkpoint: checkpoint_name(self.epoch),
-            history: self.history.clone(),
-            train_seconds: self.train_seconds,
-        };
+        let train = &self.run.train;
+        let state = self.progress.state(self.opt.steps(), train.seed);
         checkpoint::save_state(dir, &state, self.model.tensors()?, self.opt.state_tensors())?;
         self.model.save(&dir.join(MODEL_FILE))?;
+        let history = self.progress.history();
         write_bytes(
             &dir.join(METRICS_FILE),
-            metrics_csv(&self.history, &self.run.data.class_names).as_bytes(),
+            metrics_csv(history, &self.run.data.class_names).as_bytes(),
         )?;
         plot::curves(
             &dir.join(CURVES_FILE),
-            &self.history,
-            self.run.train.switch_epoch(),
+            history,
+            self.schedule.switch_epoch(),
             &format!(
                 "{} on {}, seed {}",
-                self.run.train.schedule.name(),
-                self.run.train.dataset,
-                self.run.train.seed
+                train.schedule.name(),
+                train.dataset,
+                train.seed
             ),
         )?;
         Ok(())
     }
-}
 
-/// Creates the run folder `dir`; one that already holds a run is an error unless
-/// `overwrite`, which deletes the run's files.
-fn prepare_output(dir: &Path, overwrite: bool) -> Result<()> {
-    if dir.join(STATE_FILE).exists() || dir.join(CONFIG_FILE).exists() {
-        if !overwrite {
-            return Err(Error::Usage(format!(
-                "{} already holds a run: continue it with `train --resume {}`, pick another --output, or pass --overwrite",
-                dir.display(),
-                dir.display()
-            )));
+    /// Evaluates the final model on the validation and test splits and writes
+    /// `summary.json` and `predictions.png`.
+    pub fn finish(&mut self) -> Result<Summary> {
+        let options = self.invocation.options();
+        let report = |split: &str, ds: &dyn Dataset| -> Result<EvalReport> {
+            let norm = &self.run.normalisation;
+            let metrics = evaluate(&self.model, ds, norm, options.eval_batch_size)?;
+            EvalReport::of(&metrics, &self.run.data.class_names, split, ds.len())
+        };
+        let splits = self.data.splits();
+        let summary = Summary {
+            config: self.run.clone(),
+            epochs: self.progress.epoch(),
+            parameters: self.model.num_parameters(),
+            device: format!(
+                "{}, {} layers",
+                crate::device::device_name(self.model.device()),
+                self.model.layers()
+            ),
+            train_seconds: self.progress.train_seconds(),
+            step_seconds: step_times(self.progress.history()),
+            best_val_miou: self.progress.best_val_miou(),
+            val: report("val", splits.val())?,
+            test: report("test", splits.test())?,
+        };
+        summary.log();
+        if let Some(dir) = self.invocation.out() {
+            write_json(&dir.join(SUMMARY_FILE), &summary)?;
+            let val = splits.val();
+            let indices = visualise::spread(val.len(), options.prediction_images.min(val.len()));
+            visualise::prediction_grid(
+                &self.model,
+                val,
+                &indices,
+                &self.run.normalisation,
+                &self.run.data,
+                &dir.join(PREDICTIONS_FILE),
+            )?;
         }
-        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-            let path = entry.map_err(|e| Error::io(dir, e))?.path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            let ours = name.is_some_and(|n| {
-                n.starts_with("checkpoint-epoch")
-                    || [
-                        CONFIG_FILE,
-                        STATE_FILE,
-                        MODEL_FILE,
-                        METRICS_FILE,
-                        SUMMARY_FILE,
-                        CURVES_FILE,
-                        PREDICTIONS_FILE,
-                    ]
-                    .contains(&n.as_str())
-            });
-            if ours && path.is_file() {
-                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-            }
-        }
-    }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
-}
-
-/// What one pass over the training images finds: the largest height and width, and the
-/// classes of each image.
-struct TrainingScan {
-    max_size: (usize, usize),
-    classes: ClassPresence,
-}
-
-impl TrainingScan {
-    fn of(train: &dyn Dataset) -> Result<Self> {
-        let k = train.num_classes();
-        let (mut max_h, mut max_w) = (0, 0);
-        let mut classes = Vec::with_capacity(train.len());
-        for i in 0..train.len() {
-            let s = train.get(i)?;
-            (max_h, max_w) = (max_h.max(s.height), max_w.max(s.width));
-            classes.push(ClassPresence::of_mask(&s.mask, k));
-        }
-        Ok(Self {
-            max_size: (max_h, max_w),
-            classes: ClassPresence::new(classes, k),
-        })
-    }
-
-    /// Fails when the training crop `(h, w)` is taller or wider than every training
-    /// image: such a crop would be mostly padding (the transform pads smaller images),
-    /// a mistake rather than a choice. A crop larger than only some images (as for
-    /// Pascal VOC) is allowed; those images are padded.
-    fn check_crop_fits(&self, (h, w): (usize, usize)) -> Result<()> {
-        let (max_h, max_w) = self.max_size;
-        if h > max_h || w > max_w {
-            return Err(Error::Usage(format!(
-                "--crop {h}x{w} is larger than every training image (at most {max_h}x{max_w}): pass a crop that fits the data"
-            )));
-        }
-        Ok(())
+        Ok(summary)
     }
 }
