@@ -12,10 +12,10 @@
 //!   candle's own ops everywhere);
 //! - [`optim`]: AdamW with exportable moments and the cosine schedule;
 //! - [`train`]: the loss schedule and options, the trainer (new, resumed or forked
-//!   runs), the epoch loop, the per-epoch records and the final summary;
+//!   runs), the epoch loop, the per-epoch records, the final summary, and the run
+//!   folder's files ([`train::checkpoint`]: the training state and its checkpoints);
 //! - [`compare`]: CE vs CE → CE+Lovász vs CE+Lovász on the test split, over seeds;
 //! - [`eval`], [`visualise`], [`plot`]: metrics, prediction images and curves;
-//! - [`checkpoint`]: the run folder's files, the training state and its checkpoints;
 //! - [`atomic_file`]: writing files atomically (temporary name + rename), reading JSON;
 //! - [`data`], [`device`]: data set and device choice;
 //! - [`cli`]: the command line's arguments and its commands.
@@ -29,7 +29,6 @@
 //! ```
 
 pub mod atomic_file;
-pub mod checkpoint;
 pub mod cli;
 pub mod compare;
 pub mod data;

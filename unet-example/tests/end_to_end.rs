@@ -6,13 +6,13 @@ use std::sync::OnceLock;
 
 use candle::Device;
 use datasets::{Dataset, Split};
-use unet_example::checkpoint::{
-    CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, STATE_FILE, SUMMARY_FILE,
-};
 use unet_example::cli::load_run;
 use unet_example::data::{open_split, DataSpec};
 use unet_example::eval::{confusion, predict_samples};
 use unet_example::model::{Layers, UNet};
+use unet_example::train::checkpoint::{
+    CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, STATE_FILE, SUMMARY_FILE,
+};
 use unet_example::train::{EpochRecord, Outcome, RunOptions, Schedule, TrainConfig, Trainer};
 
 fn tiny(schedule: Schedule) -> TrainConfig {

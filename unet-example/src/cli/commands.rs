@@ -10,11 +10,11 @@ use super::args::{
     default_output, Cli, Command, CompareArgs, EvalArgs, PredictArgs, RuntimeArgs, TrainArgs,
 };
 use crate::atomic_file::write_json;
-use crate::checkpoint::MODEL_FILE;
 use crate::data::{open_split, DataSpec};
 use crate::device::device_name;
 use crate::eval::{check_compatible, evaluate, percent, EvalReport};
 use crate::model::{Layers, UNet};
+use crate::train::checkpoint::MODEL_FILE;
 use crate::train::{Outcome, RunConfig, RunOptions, Schedule, Trainer};
 use crate::{compare, visualise, Error, Result};
 

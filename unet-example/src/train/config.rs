@@ -7,9 +7,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::CONFIG_FILE;
 use super::schedule::{LovaszClasses, Schedule};
 use crate::atomic_file::read_json;
-use crate::checkpoint::CONFIG_FILE;
 use crate::data::{DataInfo, Normalisation};
 use crate::model::{Layers, Norm, UNetConfig};
 use crate::optim::AdamWConfig;

@@ -4,11 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use super::config::{RunConfig, RunOptions};
-use crate::atomic_file::write_json;
-use crate::checkpoint::{
+use super::checkpoint::{
     CONFIG_FILE, CURVES_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, STATE_FILE, SUMMARY_FILE,
 };
+use super::config::{RunConfig, RunOptions};
+use crate::atomic_file::write_json;
 use crate::{Error, Result};
 
 /// The run folder (none: nothing is written) and the options of one invocation.

@@ -19,8 +19,11 @@
 //!   of a folder for a new run;
 //! - `record.rs`: [`EpochRecord`] (a line of the log and of `metrics.csv`), [`StepTime`],
 //!   [`step_times`] and [`metrics_csv`];
-//! - `summary.rs`: [`Summary`] (`summary.json`).
+//! - `summary.rs`: [`Summary`] (`summary.json`);
+//! - [`checkpoint`]: the run folder's files, the training state and its checkpoints,
+//!   written so that a crash at any moment leaves a resumable run.
 
+pub mod checkpoint;
 mod config;
 mod data;
 mod invocation;

@@ -2,8 +2,8 @@
 //! time over all parts of the run, and the steps and epochs of this invocation (which
 //! the stop options count).
 
+use super::checkpoint::{checkpoint_name, TrainState};
 use super::record::EpochRecord;
-use crate::checkpoint::{checkpoint_name, TrainState};
 
 /// How far a run has come.
 #[derive(Debug, Clone, Default)]

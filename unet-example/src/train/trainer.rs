@@ -12,6 +12,9 @@ use datasets::Dataset;
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::info;
 
+use super::checkpoint::{
+    self, CURVES_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, SUMMARY_FILE,
+};
 use super::config::{RunConfig, RunOptions, TrainConfig};
 use super::data::{batch_error, Splits, TrainingData};
 use super::invocation::Invocation;
@@ -20,9 +23,6 @@ use super::record::{metrics_csv, step_times, EpochRecord};
 use super::schedule::{Phase, RunSchedule, Schedule};
 use super::summary::Summary;
 use crate::atomic_file::{write_bytes, write_json};
-use crate::checkpoint::{
-    self, CURVES_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, SUMMARY_FILE,
-};
 use crate::data::{DataInfo, DataSpec, Normalisation};
 use crate::eval::{confusion, evaluate, EvalReport};
 use crate::model::UNet;

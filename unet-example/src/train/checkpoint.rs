@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use candle::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::EpochRecord;
 use crate::atomic_file::{read_json, write_atomically, write_json};
-use crate::train::EpochRecord;
 use crate::{Error, Result};
 
 /// `config.json`.
