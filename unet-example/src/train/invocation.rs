@@ -32,6 +32,11 @@ impl Invocation {
         self.out.as_deref()
     }
 
+    /// Writes nothing from now on (a data-parallel rank other than 0).
+    pub(super) fn without_output(&mut self) {
+        self.out = None;
+    }
+
     /// The options that do not change the results.
     pub(super) fn options(&self) -> &RunOptions {
         &self.options

@@ -20,6 +20,8 @@
 //! - `record.rs`: [`EpochRecord`] (a line of the log and of `metrics.csv`), [`StepTime`],
 //!   [`step_times`] and [`metrics_csv`];
 //! - `summary.rs`: [`Summary`] (`summary.json`);
+//! - `parallel.rs`: [`DataParallel`]: a rank's shard of each global batch, rank 0's
+//!   weights broadcast, gradients averaged over the ranks in buckets;
 //! - [`checkpoint`]: the run folder's files, the training state and its checkpoints,
 //!   written so that a crash at any moment leaves a resumable run.
 
@@ -27,6 +29,7 @@ pub mod checkpoint;
 mod config;
 mod data;
 mod invocation;
+mod parallel;
 mod progress;
 mod record;
 mod schedule;
@@ -34,6 +37,7 @@ mod summary;
 mod trainer;
 
 pub use config::{RunConfig, RunOptions, Sampling, TrainConfig};
+pub use parallel::{DataParallel, BUCKET_VALUES};
 pub use record::{metrics_csv, step_times, EpochRecord, StepTime};
 pub use schedule::{LovaszClasses, Phase, RunSchedule, Schedule};
 pub use summary::Summary;

@@ -5,12 +5,14 @@
 //! computes them.
 
 use candle::Tensor;
+use lovasz_candle::distributed::{self, ReduceBuffer};
 use lovasz_candle::{
     cross_entropy, lovasz_softmax_with_logits, Classes, CrossEntropyConfig, LovaszSoftmaxConfig,
 };
 use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
+use super::parallel::DataParallel;
 use crate::optim::cosine_lr;
 use crate::Result;
 
@@ -191,31 +193,144 @@ impl EpochLoss {
         self.phase
     }
 
-    /// The optimised loss, the cross-entropy (detached when not optimised) and the
-    /// Lovász-Softmax (when part of the loss) of one batch's logits.
+    /// One batch's losses from its logits. With `parallel`, the batch is this rank's
+    /// shard and every value is the one over the global batch: the cross-entropy's mean
+    /// over the global batch's valid pixels and the Lovász-Softmax per batch over all of
+    /// them. [`BatchLoss::backward`] weighs each term so that the mean of the ranks'
+    /// gradients is the global loss's gradient.
     pub(super) fn of_batch(
         &self,
         logits: &Tensor,
         masks: &Tensor,
-    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        parallel: Option<&DataParallel>,
+    ) -> Result<BatchLoss> {
         Ok(match self.phase {
             Phase::Ce => {
-                let ce = cross_entropy(logits, masks, &self.ce)?;
-                (ce.clone(), ce, None)
+                let ce = self.cross_entropy(logits, masks, parallel)?;
+                BatchLoss {
+                    loss: ce.value.clone(),
+                    backward: ce.backward,
+                    ce: ce.value,
+                    lovasz: None,
+                }
             }
             Phase::Lovasz => {
-                let ce = cross_entropy(&logits.detach(), masks, &self.ce)?;
-                let lov = lovasz_softmax_with_logits(logits, masks, &self.lovasz)?;
-                ((&lov * self.lovasz_weight)?, ce, Some(lov))
+                let ce = self.cross_entropy(&logits.detach(), masks, parallel)?;
+                let lov = self.lovasz(logits, masks, parallel)?;
+                BatchLoss {
+                    loss: (&lov.value * self.lovasz_weight)?,
+                    backward: (&lov.backward * self.lovasz_weight)?,
+                    ce: ce.value,
+                    lovasz: Some(lov.value),
+                }
             }
             Phase::Combined => {
-                let ce = cross_entropy(logits, masks, &self.ce)?;
-                let lov = lovasz_softmax_with_logits(logits, masks, &self.lovasz)?;
-                let loss = ((&ce * self.ce_weight)? + (&lov * self.lovasz_weight)?)?;
-                (loss, ce, Some(lov))
+                let ce = self.cross_entropy(logits, masks, parallel)?;
+                let lov = self.lovasz(logits, masks, parallel)?;
+                let (wc, wl) = (self.ce_weight, self.lovasz_weight);
+                BatchLoss {
+                    loss: ((&ce.value * wc)? + (&lov.value * wl)?)?,
+                    backward: ((&ce.backward * wc)? + (&lov.backward * wl)?)?,
+                    ce: ce.value,
+                    lovasz: Some(lov.value),
+                }
             }
         })
     }
+
+    /// The cross-entropy. With `parallel`: the mean over the global batch's valid pixels
+    /// (one all-reduce of this shard's count and sum), and for the backward pass this
+    /// shard's mean times its share of the valid pixels times the number of ranks.
+    fn cross_entropy(
+        &self,
+        logits: &Tensor,
+        masks: &Tensor,
+        parallel: Option<&DataParallel>,
+    ) -> Result<Term> {
+        let ce = cross_entropy(logits, masks, &self.ce)?;
+        let Some(p) = parallel else {
+            return Ok(Term {
+                value: ce.clone(),
+                backward: ce,
+            });
+        };
+        let labels: Vec<u32> = masks.flatten_all()?.to_vec1()?;
+        let valid = labels.iter().filter(|&&l| l != datasets::VOID).count() as f64;
+        let mean = if valid > 0.0 {
+            ce.to_scalar::<f32>()? as f64
+        } else {
+            0.0
+        };
+        let mut sums = [valid, mean * valid];
+        p.group().all_reduce_sum(ReduceBuffer::F64(&mut sums))?;
+        let [all_valid, sum] = sums;
+        let global = if all_valid > 0.0 {
+            sum / all_valid
+        } else {
+            0.0
+        };
+        let value = Tensor::new(global as f32, logits.device())?;
+        let backward = if valid > 0.0 {
+            (&ce * (valid * p.group().world_size() as f64 / all_valid))?
+        } else {
+            ce.detach().zeros_like()?
+        };
+        Ok(Term { value, backward })
+    }
+
+    /// The Lovász-Softmax. With `parallel`, over the global batch (per batch), and for the
+    /// backward pass times the number of ranks; per image, the shard's mean for the
+    /// backward pass (the mean of the ranks' gradients is then the global mean's).
+    fn lovasz(
+        &self,
+        logits: &Tensor,
+        masks: &Tensor,
+        parallel: Option<&DataParallel>,
+    ) -> Result<Term> {
+        let Some(p) = parallel else {
+            let lov = lovasz_softmax_with_logits(logits, masks, &self.lovasz)?;
+            return Ok(Term {
+                value: lov.clone(),
+                backward: lov,
+            });
+        };
+        let group = p.group();
+        let lov = distributed::lovasz_softmax_with_logits(logits, masks, &self.lovasz, group)?;
+        if !self.lovasz.per_image {
+            return Ok(Term {
+                backward: (&lov * group.world_size() as f64)?,
+                value: lov,
+            });
+        }
+        // Per image the loss is the shard's mean (no communication); the value logged is
+        // the mean over the ranks (equal shards), the global batch's mean.
+        let mut mean = [lov.to_scalar::<f32>()? as f64];
+        group.all_reduce_sum(ReduceBuffer::F64(&mut mean))?;
+        let global = mean[0] / group.world_size() as f64;
+        Ok(Term {
+            value: Tensor::new(global as f32, logits.device())?,
+            backward: lov,
+        })
+    }
+}
+
+/// A loss term: its value, and what this rank differentiates for it.
+struct Term {
+    value: Tensor,
+    backward: Tensor,
+}
+
+/// The losses of one batch.
+pub(super) struct BatchLoss {
+    /// The optimised loss.
+    pub loss: Tensor,
+    /// What this rank differentiates: `loss`, with a global Lovász term scaled by the
+    /// number of ranks in data-parallel training.
+    pub backward: Tensor,
+    /// The cross-entropy (detached when not optimised).
+    pub ce: Tensor,
+    /// The Lovász-Softmax, when part of the loss.
+    pub lovasz: Option<Tensor>,
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use super::checkpoint::{
 use super::config::{RunConfig, RunOptions, TrainConfig};
 use super::data::{batch_error, Splits, TrainingData};
 use super::invocation::Invocation;
+use super::parallel::DataParallel;
 use super::progress::Progress;
 use super::record::{metrics_csv, step_times, EpochRecord};
 use super::schedule::{Phase, RunSchedule, Schedule};
@@ -55,6 +56,8 @@ pub struct Trainer {
     opt: AdamW,
     progress: Progress,
     invocation: Invocation,
+    /// This trainer's place in a data-parallel job, if any.
+    parallel: Option<DataParallel>,
 }
 
 impl Trainer {
@@ -160,7 +163,29 @@ impl Trainer {
             opt,
             progress,
             invocation,
+            parallel: None,
         })
+    }
+
+    /// This trainer as one rank of a data-parallel job: rank 0's weights on every rank,
+    /// each global batch (`batch_size` images) split over the ranks, gradients averaged
+    /// over them, the Lovász-Softmax per batch taken over the global batch. Only rank 0
+    /// writes the run folder, logs epochs and validates; batch norm keeps per-rank
+    /// statistics. Every rank must build its trainer the same way (config, data, resume).
+    pub fn data_parallel(mut self, parallel: DataParallel) -> Result<Self> {
+        parallel.check_batch(self.run.train.batch_size)?;
+        parallel.broadcast(&self.model.trainable_vars())?;
+        if !parallel.is_lead() {
+            self.invocation.without_output();
+        }
+        self.parallel = Some(parallel);
+        Ok(self)
+    }
+
+    /// Whether this trainer logs and validates: always, but for ranks above 0 of a
+    /// data-parallel job.
+    fn is_lead(&self) -> bool {
+        self.parallel.as_ref().is_none_or(DataParallel::is_lead)
     }
 
     /// The run's configuration.
@@ -243,15 +268,22 @@ impl Trainer {
                 return Ok(false);
             }
             let (images, masks) = batch.map_err(batch_error)?;
+            let (images, masks) = match &self.parallel {
+                Some(p) => p.shard(&images, &masks)?,
+                None => (images, masks),
+            };
             let logits = self.model.forward_t(&images, true)?;
-            let (loss, ce, lovasz) = epoch_loss.of_batch(&logits, &masks)?;
+            let batch = epoch_loss.of_batch(&logits, &masks, self.parallel.as_ref())?;
             lr = self.schedule.lr_at(self.opt.steps());
-            let grads = loss.backward()?;
+            let mut grads = batch.backward.backward()?;
+            if let Some(p) = &self.parallel {
+                p.average_gradients(&mut grads, &self.model.trainable_vars())?;
+            }
             self.opt.step(&grads, lr)?;
             let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
-            loss_sum += scalar(&loss)?;
-            ce_sum += scalar(&ce)?;
-            if let Some(l) = &lovasz {
+            loss_sum += scalar(&batch.loss)?;
+            ce_sum += scalar(&batch.ce)?;
+            if let Some(l) = &batch.lovasz {
                 lov_sum += scalar(l)?;
             }
             steps += 1;
@@ -263,7 +295,7 @@ impl Trainer {
         let train_seconds = start.elapsed().as_secs_f64();
         let eval_start = Instant::now();
         let options = self.invocation.options();
-        let cm = if self.schedule.validates(e, options.val_every) {
+        let cm = if self.is_lead() && self.schedule.validates(e, options.val_every) {
             let val = self.data.splits().val();
             let norm = &self.run.normalisation;
             Some(confusion(&self.model, val, norm, options.eval_batch_size)?)
@@ -289,7 +321,9 @@ impl Trainer {
             train_seconds,
             eval_seconds,
         };
-        record.log(self.run.train.epochs);
+        if self.is_lead() {
+            record.log(self.run.train.epochs);
+        }
         self.progress.end_epoch(record);
         self.save()?;
         Ok(true)
@@ -297,7 +331,7 @@ impl Trainer {
 
     /// The progress bar of the current epoch (hidden unless `options.progress`).
     fn progress_bar(&self, phase: Phase) -> ProgressBar {
-        if !self.invocation.options().progress {
+        if !self.invocation.options().progress || !self.is_lead() {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::new(self.schedule.steps_per_epoch());
