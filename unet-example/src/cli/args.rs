@@ -187,6 +187,11 @@ pub struct TrainArgs {
     /// Stop after N epochs of this invocation, leaving a run to continue with --resume.
     #[arg(long, value_name = "N")]
     pub stop_after_epochs: Option<usize>,
+    /// Train data-parallel on N ranks in this process (threads on --device): each takes
+    /// 1/N of every global batch of --batch-size images, gradients are averaged, and the
+    /// Lovász-Softmax per batch is the one over the global batch. Rank 0 writes the run.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ranks: u32,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }

@@ -1,9 +1,12 @@
 //! The commands: [`run`] carries out a parsed command line (`train`, `compare`, `eval`,
 //! `predict`); [`load_run`] reads a trained run back.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle::Device;
 use datasets::{Dataset, Split};
+use lovasz_candle::distributed::{LocalGroup, ProcessGroup};
 use tracing::info;
 
 use super::args::{
@@ -15,7 +18,7 @@ use crate::device::device_name;
 use crate::eval::{check_compatible, evaluate, percent, EvalReport};
 use crate::model::{Layers, UNet};
 use crate::train::checkpoint::MODEL_FILE;
-use crate::train::{Outcome, RunConfig, RunOptions, Schedule, Trainer};
+use crate::train::{DataParallel, Outcome, RunConfig, RunOptions, Schedule, Trainer};
 use crate::{compare, visualise, Error, Result};
 
 /// Runs a parsed command line.
@@ -39,28 +42,18 @@ fn options(runtime: &RuntimeArgs) -> RunOptions {
 
 fn train(args: TrainArgs) -> Result<()> {
     let device = args.runtime.device.open()?;
-    let mut options = options(&args.runtime);
-    options.stop_after_epochs = args.stop_after_epochs;
-    options.overwrite = args.overwrite;
-    let mut trainer = match &args.resume {
-        Some(dir) => Trainer::resume(dir, &device, options)?,
-        None => {
-            let cfg = args.training.config(args.schedule);
-            let out = args.output.clone().unwrap_or_else(|| default_output(&cfg));
-            let t = Trainer::new(cfg, &device, Some(&out), options)?;
-            info!(
-                "training a {}-parameter U-Net on {} ({}, {} layers), writing to {}",
-                t.model().num_parameters(),
-                t.config().train.dataset,
-                device_name(&device),
-                t.model().layers(),
-                out.display()
-            );
-            t
-        }
-    };
+    if args.ranks > 1 {
+        return train_ranks(&args, &device);
+    }
+    let mut trainer = trainer(&args, &device, true)?;
     let dir = trainer.output().map(Path::to_path_buf).unwrap_or_default();
-    match trainer.run()? {
+    report(trainer.run()?, &dir);
+    Ok(())
+}
+
+/// Prints how a run ended: the test table and step times, or how to continue it.
+fn report(outcome: Outcome, dir: &Path) {
+    match outcome {
         Outcome::Finished(summary) => {
             println!("{}", summary.test.table());
             for st in &summary.step_seconds {
@@ -86,6 +79,70 @@ fn train(args: TrainArgs) -> Result<()> {
             );
         }
     }
+}
+
+/// The trainer of `args` on `device`: a new run (writing its folder when `lead`) or the
+/// resumed one.
+fn trainer(args: &TrainArgs, device: &Device, lead: bool) -> Result<Trainer> {
+    let mut options = options(&args.runtime);
+    options.stop_after_epochs = args.stop_after_epochs;
+    options.overwrite = args.overwrite;
+    if let Some(dir) = &args.resume {
+        return Trainer::resume(dir, device, options);
+    }
+    let cfg = args.training.config(args.schedule);
+    let out = args.output.clone().unwrap_or_else(|| default_output(&cfg));
+    let t = Trainer::new(cfg, device, lead.then_some(out.as_path()), options)?;
+    if lead {
+        info!(
+            "training a {}-parameter U-Net on {} ({}, {} layers), writing to {}",
+            t.model().num_parameters(),
+            t.config().train.dataset,
+            device_name(device),
+            t.model().layers(),
+            out.display()
+        );
+    }
+    Ok(t)
+}
+
+/// `train --ranks N`: one thread per rank, rank 0's outcome reported.
+fn train_ranks(args: &TrainArgs, device: &Device) -> Result<()> {
+    let groups = LocalGroup::new(args.ranks as usize)?;
+    info!(
+        "training data-parallel on {} ranks in this process",
+        args.ranks
+    );
+    let outcomes: Vec<Result<(Outcome, PathBuf)>> = std::thread::scope(|s| {
+        let threads: Vec<_> = groups
+            .into_iter()
+            .map(|g| {
+                s.spawn(move || -> Result<(Outcome, PathBuf)> {
+                    let lead = g.rank() == 0;
+                    let parallel = DataParallel::new(Arc::new(g));
+                    let mut t = trainer(args, device, lead)?.data_parallel(parallel)?;
+                    let dir = t.output().map(Path::to_path_buf).unwrap_or_default();
+                    Ok((t.run()?, dir))
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(Error::Usage("a rank's thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut outcomes = outcomes.into_iter();
+    let (outcome, dir) = match outcomes.next() {
+        Some(first) => first?,
+        None => return Err(Error::Usage("no rank ran".into())),
+    };
+    for other in outcomes {
+        other?;
+    }
+    report(outcome, &dir);
     Ok(())
 }
 

@@ -404,7 +404,9 @@ impl Trainer {
             val: report("val", splits.val())?,
             test: report("test", splits.test())?,
         };
-        summary.log();
+        if self.is_lead() {
+            summary.log();
+        }
         if let Some(dir) = self.invocation.out() {
             write_json(&dir.join(SUMMARY_FILE), &summary)?;
             let val = splits.val();
