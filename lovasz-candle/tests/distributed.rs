@@ -324,3 +324,54 @@ fn ranks_that_disagree_or_leave_get_errors_not_hangs() -> Result<()> {
     assert!(e.contains("rank 1 left"), "{e}");
     Ok(())
 }
+
+/// Probabilities whose foreground errors are all at least 0.4 while most background
+/// errors are below: the background past the union's foreground floor is pruned from the
+/// exchange, and the result must not change.
+#[test]
+fn pruned_background_changes_nothing() -> Result<()> {
+    let (x, labels) = problem(&[6, 4, 5, 7], &[6, 5, 7], 4, 21)?;
+    let u: Vec<f32> = flat(&x)?.iter().map(|v| ((v + 3.0) / 6.0) as f32).collect();
+    let l: Vec<u32> = labels.flatten_all()?.to_vec1()?;
+    let (b, c, s) = (6, 4, 35);
+    let mut p = vec![0f32; b * c * s];
+    for i in 0..b {
+        for j in 0..s {
+            let y = l[i * s + j];
+            let top = 0.2 + 0.4 * u[(i * c) * s + j];
+            for k in 0..c {
+                let w: f32 = (0..c)
+                    .filter(|&m| m as u32 != y)
+                    .map(|m| 0.5 + u[(i * c + m) * s + j])
+                    .sum();
+                p[(i * c + k) * s + j] = if k as u32 == y {
+                    top
+                } else {
+                    (1.0 - top) * (0.5 + u[(i * c + k) * s + j]) / w
+                };
+            }
+        }
+    }
+    let p = Tensor::from_vec(p, (b, c, 5, 7), &Device::Cpu)?;
+    for classes in [Classes::Present, Classes::All] {
+        let cfg = LovaszSoftmaxConfig {
+            classes,
+            per_image: false,
+            ignore_index: Some(255),
+            ..Default::default()
+        };
+        for world in [2, 3] {
+            check(
+                &format!("pruned {world}"),
+                &p,
+                &labels,
+                world,
+                &|x, l, g| match g {
+                    Some(g) => distributed::lovasz_softmax(x, l, &cfg, g),
+                    None => lovasz_softmax(x, l, &cfg),
+                },
+            )?;
+        }
+    }
+    Ok(())
+}

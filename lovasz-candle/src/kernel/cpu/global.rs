@@ -7,7 +7,9 @@
 //! Jaccard weight needs only how many foreground and background pixels of the union sort
 //! before it ([`JaccardWalk::resume`]): each rank sorts its own keys per job, and the ranks
 //! exchange, per job, the error keys of their kept pixels (the keys' high word: 4 bytes a
-//! pixel in f32, 8 in f64) split into a foreground and a background list, each ascending.
+//! pixel in f32, 8 in f64) split into a foreground and a background list, each ascending;
+//! background pixels whose error is below every foreground error of the union weigh
+//! exactly 0 and are left out, after a first exchange of each job's foreground floor.
 //! A rank then counts, for each of its keys in sorted order, the other ranks' keys before
 //! it by a merge. The weights are bit for bit those of one process over the whole batch;
 //! the loss, summed per rank and then over the ranks, is the same on every rank.
@@ -145,32 +147,41 @@ pub(crate) fn solve_global<T: HostSort>(
     let n = b_n * s_n;
     let width = std::mem::size_of::<T>();
     // Each job's own keys, sorted, and the message of their error keys.
+    // Each job's own keys, sorted, and their error keys split by ground truth.
     let mut own = Vec::with_capacity(plan.jobs.len());
-    let mut message = Vec::new();
+    let mut lists = Vec::with_capacity(plan.jobs.len());
     let mut scratch = Vec::new();
     for job in &plan.jobs {
         let mut keys: Vec<T::Packed> = zeroed(n);
         let (len, _) = build_keys(p, 0, 0..n, job.class, job.channel, &mut keys);
         keys.truncate(len);
         T::sort(&mut keys, &mut scratch);
-        let lists = Lists {
-            fg: (keys.iter())
-                .filter(|&&k| T::unpack(k).2)
-                .map(|&k| T::error_key(T::error(k)))
-                .collect(),
-            bg: (keys.iter())
-                .filter(|&&k| !T::unpack(k).2)
-                .map(|&k| T::error_key(T::error(k)))
-                .collect(),
+        let (fg, bg): (Vec<T::Packed>, Vec<T::Packed>) =
+            keys.iter().partition(|&&k| T::unpack(k).2);
+        let error_keys = |v: Vec<T::Packed>| -> Vec<u64> {
+            v.into_iter().map(|k| T::error_key(T::error(k))).collect()
         };
-        for list in [&lists.fg, &lists.bg] {
+        lists.push(Lists {
+            fg: error_keys(fg),
+            bg: error_keys(bg),
+        });
+        own.push(keys);
+    }
+    // The global foreground floor of each job: past the smallest foreground error of the
+    // union, a background pixel weighs exactly 0 and no other pixel's weight depends on
+    // it, so such keys are neither sent nor walked.
+    let floors = global_floors(plan, &lists, group)?;
+    let mut message = Vec::new();
+    for (l, &floor) in lists.iter_mut().zip(&floors) {
+        l.bg.truncate(l.bg.partition_point(|&k| k <= floor));
+        for list in [&l.fg, &l.bg] {
             message.extend((list.len() as u64).to_le_bytes());
             for &k in list {
                 message.extend_from_slice(&k.to_le_bytes()[..width]);
             }
         }
-        own.push(keys);
     }
+    drop(lists);
     let parts = group.all_gather(&message)?;
     drop(message);
     let me = group.rank();
@@ -194,6 +205,10 @@ pub(crate) fn solve_global<T: HostSort>(
             let (index, slope, fg) = T::unpack(key);
             let err = T::error(key);
             let e = T::error_key(err);
+            if e > floors[j] {
+                // Background keys past the global foreground floor: weight 0.
+                break;
+            }
             let (mut fg_before, mut bg_before) = (fg_own, bg_own);
             for ((q, lists), (f, b)) in others.iter().zip(seen.iter_mut()) {
                 let l = &lists[j];
@@ -238,6 +253,45 @@ pub(crate) fn solve_global<T: HostSort>(
         nan,
         unread_rows: Vec::new(),
     })
+}
+
+/// Per job, the largest foreground error key over every rank (the union's smallest
+/// foreground error), or `u64::MAX` (nothing pruned) when the ranks' foreground keys are
+/// not all of the job's foreground pixels: a job without any, or a hinge whose errors
+/// `<= 0` were left out (the background after the last kept foreground key still weighs).
+fn global_floors(plan: &Plan, lists: &[Lists], group: &dyn ProcessGroup) -> Result<Vec<u64>> {
+    // Per job: 1 + the largest foreground key (0 for none), and the foreground keys.
+    let mine: Vec<u8> = (lists.iter())
+        .flat_map(|l| {
+            let top = l.fg.last().map_or(0, |&k| k.saturating_add(1));
+            [top, l.fg.len() as u64]
+        })
+        .flat_map(u64::to_le_bytes)
+        .collect();
+    let parts = group.all_gather(&mine)?;
+    let mut floors = vec![(0u64, 0u64); lists.len()];
+    for (q, part) in parts.iter().enumerate() {
+        if part.len() != 16 * lists.len() {
+            bail!("lovasz distributed: rank {q} sent the floors of other jobs (internal error)")
+        }
+        for (f, c) in floors.iter_mut().zip(part.chunks_exact(16)) {
+            let word = |i: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&c[8 * i..8 * i + 8]);
+                u64::from_le_bytes(b)
+            };
+            *f = (f.0.max(word(0)), f.1 + word(1));
+        }
+    }
+    Ok((floors.into_iter().zip(&plan.jobs))
+        .map(|((top, fg), job)| {
+            if top == 0 || fg != job.gts {
+                u64::MAX
+            } else {
+                top - 1
+            }
+        })
+        .collect())
 }
 
 /// Reads rank `q`'s message: for each of `jobs` jobs, a foreground and a background list
