@@ -10,6 +10,9 @@
 //! batches in rank order) gives; the weights match it bit for bit, the value up to the
 //! order of the sum.
 //!
+//! The ranks are a [`ProcessGroup`]: [`LocalGroup`] runs them as threads of one process;
+//! with the `mpi` feature, `MpiGroup` is one process of an MPI job (`mpirun -np N`).
+//!
 //! # What is exchanged
 //!
 //! Four collectives per call: an all-gather of each rank's label counts per class (with a
@@ -77,6 +80,8 @@ use candle::{Result, Tensor};
 use crate::binary::{prepare_hinge, prepare_sigmoid};
 use crate::config::{LovaszHingeConfig, LovaszSigmoidConfig, LovaszSoftmaxConfig};
 use crate::input::{upcast, ClassAxes};
+#[cfg(feature = "mpi")]
+pub use crate::process_group::MpiGroup;
 pub use crate::process_group::{LocalGroup, ProcessGroup, ReduceBuffer};
 use crate::softmax::prepare;
 

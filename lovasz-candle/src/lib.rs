@@ -64,7 +64,9 @@
 //! None is on by default (CPU only). `cuda`, `cudnn`, `metal`, `accelerate` and `mkl`
 //! turn on candle's (and candle-nn's) features of the same names. `test-paths` is for
 //! tests: it adds `force_host_copy` and `force_device_emulation`, which send the losses
-//! down the Metal and CUDA paths on the CPU.
+//! down the Metal and CUDA paths on the CPU. `mpi` adds `distributed::MpiGroup`, a
+//! process group over an MPI job's processes for the [`distributed`] losses (it needs an
+//! MPI library, such as OpenMPI, and libclang to build).
 //!
 //! # Memory
 //!

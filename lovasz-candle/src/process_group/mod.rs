@@ -1,10 +1,15 @@
 //! A process group: the ranks of a data-parallel job and the collectives the distributed
 //! losses (and a training loop's gradient averaging) need. [`LocalGroup`] runs the ranks
-//! as threads of one process; other engines (MPI, NCCL) implement the same trait.
+//! as threads of one process, `MpiGroup` (with the `mpi` feature) as the processes of
+//! an MPI job; other engines (NCCL) would implement the same trait.
 
 mod local;
+#[cfg(feature = "mpi")]
+mod mpi;
 
 pub use local::LocalGroup;
+#[cfg(feature = "mpi")]
+pub use mpi::MpiGroup;
 
 use candle::Result;
 
