@@ -139,6 +139,19 @@ impl MpiGroup {
         self
     }
 
+    /// Ends every process of the job at once: `MPI_Abort` on `MPI_COMM_WORLD`, `code`
+    /// being the exit status `mpirun` reports. For a rank that fails on its own (an error
+    /// the other ranks cannot see), so that they do not wait for it in their next
+    /// collective until the timeout, nor it for them in `MPI_Finalize` (which waits for
+    /// every rank). Print the error first: nothing after this runs.
+    pub fn abort(&self, code: i32) -> ! {
+        let inner = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        inner.world.abort(code)
+    }
+
     /// The communicator, unless an earlier collective timed out.
     fn lock(&self, what: &str) -> Result<MutexGuard<'_, Inner>> {
         let inner = match self.inner.lock() {

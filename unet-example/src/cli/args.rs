@@ -140,6 +140,7 @@ impl TrainingArgs {
             depth: self.depth,
             base_width: self.base_width,
             norm: self.norm,
+            sync_bn: false,
         }
     }
 }
@@ -192,6 +193,11 @@ pub struct TrainArgs {
     /// Lovász-Softmax per batch is the one over the global batch. Rank 0 writes the run.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub ranks: u32,
+    /// With --ranks or under mpirun: batch norm with the statistics of the global batch,
+    /// synchronised over the ranks (what one process would compute), instead of each
+    /// rank's shard's.
+    #[arg(long, conflicts_with = "resume")]
+    pub sync_bn: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }

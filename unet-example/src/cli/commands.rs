@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle::Device;
 use datasets::{Dataset, Split};
-use lovasz_candle::distributed::{LocalGroup, ProcessGroup};
+use lovasz_candle::distributed::LocalGroup;
 use tracing::info;
 
 use super::args::{
@@ -18,7 +18,7 @@ use crate::device::device_name;
 use crate::eval::{check_compatible, evaluate, percent, EvalReport};
 use crate::model::{Layers, UNet};
 use crate::train::checkpoint::MODEL_FILE;
-use crate::train::{DataParallel, Outcome, RunConfig, RunOptions, Schedule, Trainer};
+use crate::train::{DataParallel, Outcome, RunConfig, RunOptions, Schedule, TrainConfig, Trainer};
 use crate::{compare, visualise, Error, Result};
 
 /// Runs a parsed command line.
@@ -41,9 +41,23 @@ fn options(runtime: &RuntimeArgs) -> RunOptions {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
+    if let Some(world) = mpi_world() {
+        if args.ranks > 1 {
+            return Err(Error::Usage(format!(
+                "--ranks {} in a process started by mpirun (a world of {world}): use one or the other",
+                args.ranks
+            )));
+        }
+        return train_mpi(&args, world);
+    }
     let device = args.runtime.device.open()?;
     if args.ranks > 1 {
         return train_ranks(&args, &device);
+    }
+    if args.sync_bn {
+        return Err(Error::Usage(
+            "--sync-bn synchronises batch norm over the ranks of a data-parallel job: add --ranks N, or launch with mpirun".into(),
+        ));
     }
     let mut trainer = trainer(&args, &device, true)?;
     let dir = trainer.output().map(Path::to_path_buf).unwrap_or_default();
@@ -90,7 +104,7 @@ fn trainer(args: &TrainArgs, device: &Device, lead: bool) -> Result<Trainer> {
     if let Some(dir) = &args.resume {
         return Trainer::resume(dir, device, options);
     }
-    let cfg = args.training.config(args.schedule);
+    let cfg = new_config(args);
     let out = args.output.clone().unwrap_or_else(|| default_output(&cfg));
     let t = Trainer::new(cfg, device, lead.then_some(out.as_path()), options)?;
     if lead {
@@ -106,6 +120,38 @@ fn trainer(args: &TrainArgs, device: &Device, lead: bool) -> Result<Trainer> {
     Ok(t)
 }
 
+/// The training configuration of a new run.
+fn new_config(args: &TrainArgs) -> TrainConfig {
+    TrainConfig {
+        sync_bn: args.sync_bn,
+        ..args.training.config(args.schedule)
+    }
+}
+
+/// The start of a data-parallel job: the ranks agree on how they were started (the
+/// configuration of a new run, or the run to resume, and the options that change what
+/// each rank does), and on a global batch they divide. Otherwise every rank fails with the
+/// same message, before anything is written.
+fn agree_on_start(args: &TrainArgs, parallel: &DataParallel) -> Result<()> {
+    let cfg = args.resume.is_none().then(|| new_config(args));
+    parallel.agree(&serde_json::json!({
+        "train": cfg,
+        "resume": args.resume,
+        "stop_after_epochs": args.stop_after_epochs,
+        "layers": args.runtime.layers.map(|l| l.to_string()),
+    }))?;
+    if let Some(cfg) = &cfg {
+        cfg.validate()?;
+        parallel.check_batch(cfg.batch_size)?;
+    }
+    Ok(())
+}
+
+/// This rank's trainer in a data-parallel job, once the ranks agree on the start.
+fn rank_trainer(args: &TrainArgs, device: &Device, parallel: DataParallel) -> Result<Trainer> {
+    trainer(args, device, parallel.is_lead())?.data_parallel(parallel)
+}
+
 /// `train --ranks N`: one thread per rank, rank 0's outcome reported.
 fn train_ranks(args: &TrainArgs, device: &Device) -> Result<()> {
     let groups = LocalGroup::new(args.ranks as usize)?;
@@ -118,9 +164,9 @@ fn train_ranks(args: &TrainArgs, device: &Device) -> Result<()> {
             .into_iter()
             .map(|g| {
                 s.spawn(move || -> Result<(Outcome, PathBuf)> {
-                    let lead = g.rank() == 0;
                     let parallel = DataParallel::new(Arc::new(g));
-                    let mut t = trainer(args, device, lead)?.data_parallel(parallel)?;
+                    agree_on_start(args, &parallel)?;
+                    let mut t = rank_trainer(args, device, parallel)?;
                     let dir = t.output().map(Path::to_path_buf).unwrap_or_default();
                     Ok((t.run()?, dir))
                 })
@@ -144,6 +190,71 @@ fn train_ranks(args: &TrainArgs, device: &Device) -> Result<()> {
     }
     report(outcome, &dir);
     Ok(())
+}
+
+/// The world size when this process was started by `mpirun` (OpenMPI's variables, or
+/// the PMI ones of MPICH and Slurm).
+fn mpi_world() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+/// `mpirun -np N unet-example train`: this process is one rank over MPI; with `--device
+/// cuda`, rank `r` of a node takes GPU `r` (its local rank). Rank 0 writes and reports.
+#[cfg(feature = "mpi")]
+fn train_mpi(args: &TrainArgs, world: usize) -> Result<()> {
+    use crate::device::DeviceChoice;
+    use lovasz_candle::distributed::{MpiGroup, ProcessGroup};
+
+    let group = Arc::new(MpiGroup::init()?);
+    if group.world_size() != world {
+        return Err(Error::Usage(format!(
+            "mpirun announced {world} ranks but MPI has {}",
+            group.world_size()
+        )));
+    }
+    let local: usize = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let choice = match args.runtime.device {
+        DeviceChoice::Cuda(0) => DeviceChoice::Cuda(local),
+        other => other,
+    };
+    let (rank, lead) = (group.rank(), group.rank() == 0);
+    let parallel = DataParallel::new(group.clone());
+    // An error here is every rank's: each returns it, and MPI is finalised.
+    agree_on_start(args, &parallel)?;
+    let t = choice
+        .open()
+        .and_then(|device| rank_trainer(args, &device, parallel));
+    let mut t = t.unwrap_or_else(|e| fail_alone(&group, rank, e));
+    if lead {
+        info!("training data-parallel on {world} MPI ranks");
+    }
+    let dir = t.output().map(Path::to_path_buf).unwrap_or_default();
+    match t.run() {
+        Ok(outcome) if lead => report(outcome, &dir),
+        Ok(_) => {}
+        Err(e) => fail_alone(&group, rank, e),
+    }
+    Ok(())
+}
+
+/// An error of this rank alone (the others are, or soon will be, waiting for it in a
+/// collective): printed, then the whole job ended with `MPI_Abort`.
+#[cfg(feature = "mpi")]
+fn fail_alone(group: &lovasz_candle::distributed::MpiGroup, rank: usize, e: Error) -> ! {
+    eprintln!("Error on rank {rank}: {e}; ending the job");
+    group.abort(1)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn train_mpi(_: &TrainArgs, world: usize) -> Result<()> {
+    Err(Error::Usage(format!(
+        "started by mpirun (a world of {world}) but built without MPI: rebuild with `--features mpi`"
+    )))
 }
 
 fn compare_cmd(args: CompareArgs) -> Result<()> {

@@ -11,11 +11,14 @@
 //!
 //! - `config.rs`: [`Norm`] and [`UNetConfig`], the network's shape and its validation;
 //! - `layers.rs`: [`Layers`] and the U-Net's operations on each;
-//! - `norm.rs`: batch and group norm (+ ReLU) on either set of layers;
+//! - `norm.rs`: batch and group norm (+ ReLU) on either set of layers, batch norm
+//!   with per-rank or synchronised statistics in data-parallel training;
+//! - `all_reduce.rs`: a differentiable sum over the ranks (synchronised batch norm);
 //! - `unet.rs`: the blocks and the [`UNet`] (forward pass, prediction, tensors by name,
 //!   saving and loading);
 //! - `init.rs`: the seeded initialiser, a candle-nn VarBuilder backend.
 
+mod all_reduce;
 mod config;
 mod init;
 mod layers;

@@ -4,17 +4,18 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
+use lovasz_candle::distributed::ProcessGroup;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{Norm, UNetConfig};
 use super::init::{lock, SeededInit};
 use super::layers::Layers;
-use super::norm::NormLayer;
+use super::norm::{NormLayer, Stats};
 use crate::atomic_file::write_atomically;
 use crate::{Error, Result};
 
@@ -47,11 +48,11 @@ impl ConvBlock {
     }
 
     /// `cin` channels → `cout` channels, same size.
-    fn forward_t(&self, layers: Layers, x: &Tensor, train: bool) -> candle::Result<Tensor> {
+    fn forward_t(&self, layers: Layers, x: &Tensor, stats: Stats) -> candle::Result<Tensor> {
         let x = layers.conv3x3(x, &self.conv1)?;
-        let x = self.norm1.forward_relu_t(layers, &x, train)?;
+        let x = self.norm1.forward_relu_t(layers, &x, stats)?;
         let x = layers.conv3x3(&x, &self.conv2)?;
-        self.norm2.forward_relu_t(layers, &x, train)
+        self.norm2.forward_relu_t(layers, &x, stats)
     }
 }
 
@@ -72,6 +73,8 @@ pub struct UNet {
     up: Vec<(UpConv, ConvBlock)>,
     head: (Tensor, Tensor),
     device: Device,
+    /// The group whose ranks' batch statistics batch norm takes together in training.
+    sync_bn: Option<Arc<dyn ProcessGroup>>,
 }
 
 impl UNet {
@@ -148,7 +151,24 @@ impl UNet {
             up,
             head: (head_w, head_b),
             device: device.clone(),
+            sync_bn: None,
         })
+    }
+
+    /// Batch norm in training with the statistics of the global batch over the ranks of
+    /// `group` (synchronised batch norm) instead of this rank's: every rank's forward
+    /// (and backward) pass then sums per-channel statistics over the group, so every rank
+    /// must run the same passes in the same order. An `Err` for a network without batch
+    /// norm.
+    pub fn synchronise_batch_norm(&mut self, group: Arc<dyn ProcessGroup>) -> Result<()> {
+        if self.cfg.norm != Norm::Batch {
+            return Err(Error::Usage(format!(
+                "synchronised batch norm needs --norm batch, the network has {:?}",
+                self.cfg.norm
+            )));
+        }
+        self.sync_bn = Some(group);
+        Ok(())
     }
 
     /// The network's configuration.
@@ -185,10 +205,15 @@ impl UNet {
             )));
         }
         let layers = self.layers;
+        let stats = match (&self.sync_bn, train) {
+            (_, false) => Stats::Running,
+            (None, true) => Stats::Batch,
+            (Some(group), true) => Stats::Synchronised(group),
+        };
         let mut skips = Vec::with_capacity(self.cfg.depth);
         let mut x = layers.enter(images)?;
         for (level, block) in self.down.iter().enumerate() {
-            x = block.forward_t(layers, &x, train)?;
+            x = block.forward_t(layers, &x, stats)?;
             if level + 1 < self.cfg.depth {
                 skips.push(x.clone());
                 x = layers.max_pool2x2(&x)?;
@@ -199,7 +224,7 @@ impl UNet {
                 .pop()
                 .ok_or_else(|| candle::Error::Msg("U-Net skip stack underflow".into()))?;
             let x_up = layers.up2x2(&x, &upconv.weight, &upconv.bias)?;
-            x = block.forward_t(layers, &layers.cat_channels(&skip, &x_up)?, train)?;
+            x = block.forward_t(layers, &layers.cat_channels(&skip, &x_up)?, stats)?;
         }
         Ok(layers.head1x1(&x, &self.head.0, &self.head.1)?)
     }

@@ -80,6 +80,11 @@ pub struct TrainConfig {
     pub base_width: usize,
     /// U-Net normalisation.
     pub norm: Norm,
+    /// In data-parallel training, batch norm with the statistics of the global batch
+    /// (synchronised over the ranks) instead of each rank's shard's. Configs written
+    /// before this option read as `false`.
+    #[serde(default)]
+    pub sync_bn: bool,
 }
 
 impl Default for TrainConfig {
@@ -111,6 +116,7 @@ impl Default for TrainConfig {
             depth: model.depth,
             base_width: model.base_width,
             norm: model.norm,
+            sync_bn: false,
         }
     }
 }
@@ -153,6 +159,12 @@ impl TrainConfig {
         let (lo, hi) = self.scale;
         if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
             return bad(format!("scale range {lo}..{hi} is not 0 < min <= max"));
+        }
+        if self.sync_bn && self.norm != Norm::Batch {
+            return bad(format!(
+                "--sync-bn synchronises batch-norm statistics, and --norm {:?} has none",
+                self.norm
+            ));
         }
         self.model_config(1, 2).validate()?;
         if let Some((h, w)) = self.crop {
@@ -294,6 +306,11 @@ mod tests {
             },
             TrainConfig {
                 lovasz_weight: f64::NAN,
+                ..ok.clone()
+            },
+            TrainConfig {
+                sync_bn: true,
+                norm: Norm::Group { groups: 4 },
                 ..ok.clone()
             },
         ];

@@ -42,13 +42,44 @@ impl DataParallel {
         self.group.as_ref()
     }
 
+    /// The process group, shared.
+    pub(crate) fn shared_group(&self) -> Arc<dyn ProcessGroup> {
+        self.group.clone()
+    }
+
     /// The rank that logs and writes the run folder.
     pub fn is_lead(&self) -> bool {
         self.group.rank() == 0
     }
 
+    /// Fails on every rank unless every rank passed the same `value` (the run's
+    /// configuration as JSON, say): the error names the first field where a rank
+    /// differs from rank 0, with both values. Call it before anything that could make
+    /// the ranks part ways (writing a run folder, the first collective of training), so
+    /// that ranks started differently end together with one message instead of waiting
+    /// on each other.
+    pub fn agree(&self, value: &serde_json::Value) -> Result<()> {
+        let parts = self.group.all_gather(value.to_string().as_bytes())?;
+        let mut ranks = parts.iter().map(|p| serde_json::from_slice(p));
+        let lead: serde_json::Value = match ranks.next() {
+            Some(Ok(v)) => v,
+            _ => return Err(Error::Usage("rank 0 sent no configuration".into())),
+        };
+        for (r, v) in ranks.enumerate() {
+            let v: serde_json::Value =
+                v.map_err(|e| Error::Usage(format!("rank {} sent no configuration: {e}", r + 1)))?;
+            if let Some((path, a, b)) = first_difference(&lead, &v, String::new()) {
+                return Err(Error::Usage(format!(
+                    "the ranks were started differently: {path} is {a} on rank 0 and {b} on rank {}",
+                    r + 1
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Fails unless the ranks divide `batch_size`, the global batch.
-    pub(super) fn check_batch(&self, batch_size: usize) -> Result<()> {
+    pub fn check_batch(&self, batch_size: usize) -> Result<()> {
         let n = self.group.world_size();
         if !batch_size.is_multiple_of(n) {
             return Err(Error::Usage(format!(
@@ -132,5 +163,98 @@ impl DataParallel {
             grads.insert(t, g);
         }
         Ok(())
+    }
+}
+
+/// The first place (a dotted path of object keys and array indices) where `a` and `b`
+/// differ, with the two values there.
+fn first_difference(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    path: String,
+) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, va) in x {
+                let vb = y.get(k).unwrap_or(&Value::Null);
+                if let Some(d) = first_difference(va, vb, join(k)) {
+                    return Some(d);
+                }
+            }
+            let extra = y.iter().find(|(k, _)| !x.contains_key(*k));
+            extra.map(|(k, v)| (join(k), "null".into(), v.to_string()))
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => (x.iter().zip(y))
+            .enumerate()
+            .find_map(|(i, (va, vb))| first_difference(va, vb, join(&i.to_string()))),
+        _ if a == b => None,
+        _ => Some((
+            if path.is_empty() {
+                "the configuration".into()
+            } else {
+                path
+            },
+            a.to_string(),
+            b.to_string(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lovasz_candle::distributed::LocalGroup;
+    use serde_json::json;
+
+    #[test]
+    fn first_difference_names_the_field() {
+        let a = json!({"train": {"batch_size": 4, "crop": [8, 8]}, "resume": null});
+        assert_eq!(first_difference(&a, &a, String::new()), None);
+        let b = json!({"train": {"batch_size": 3, "crop": [8, 8]}, "resume": null});
+        assert_eq!(
+            first_difference(&a, &b, String::new()),
+            Some(("train.batch_size".into(), "4".into(), "3".into()))
+        );
+        let c = json!({"train": {"batch_size": 4, "crop": [8, 9]}, "resume": null});
+        assert_eq!(
+            first_difference(&a, &c, String::new()).unwrap().0,
+            "train.crop.1"
+        );
+        let d = json!({"train": {"batch_size": 4, "crop": [8, 8]}, "resume": "x"});
+        assert_eq!(
+            first_difference(&a, &d, String::new()).unwrap(),
+            ("resume".into(), "null".into(), "\"x\"".into())
+        );
+    }
+
+    #[test]
+    fn ranks_started_differently_fail_together() {
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let threads: Vec<_> = (LocalGroup::new(3).unwrap().into_iter())
+                .map(|g| {
+                    s.spawn(move || {
+                        let r = g.rank();
+                        let p = DataParallel::new(Arc::new(g));
+                        p.agree(&json!({"same": 1, "seed": 7})).unwrap();
+                        let seed = if r == 2 { 8 } else { 7 };
+                        p.agree(&json!({"same": 1, "seed": seed}))
+                            .unwrap_err()
+                            .to_string()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        for e in &errors {
+            assert!(e.contains("seed is 7 on rank 0 and 8 on rank 2"), "{e}");
+        }
     }
 }

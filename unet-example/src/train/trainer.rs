@@ -174,6 +174,9 @@ impl Trainer {
     /// statistics. Every rank must build its trainer the same way (config, data, resume).
     pub fn data_parallel(mut self, parallel: DataParallel) -> Result<Self> {
         parallel.check_batch(self.run.train.batch_size)?;
+        if self.run.train.sync_bn {
+            self.model.synchronise_batch_norm(parallel.shared_group())?;
+        }
         parallel.broadcast(&self.model.trainable_vars())?;
         if !parallel.is_lead() {
             self.invocation.without_output();
@@ -230,6 +233,11 @@ impl Trainer {
 
     /// Trains until `epoch` epochs are completed; `Some` when a stop option cut it short.
     pub fn run_until(&mut self, epoch: usize) -> Result<Option<Outcome>> {
+        if self.run.train.sync_bn && self.parallel.is_none() {
+            return Err(Error::Usage(
+                "this run synchronises batch norm over the ranks of a data-parallel job (sync_bn): train it with --ranks N or under mpirun".into(),
+            ));
+        }
         let target = epoch.min(self.run.train.epochs);
         while self.progress.epoch() < target {
             let done = self.progress.epochs_this_run();
