@@ -98,7 +98,7 @@ pub fn lovasz_softmax(
     if cfg.per_image {
         return crate::lovasz_softmax(probas, labels, cfg);
     }
-    prepare(probas, labels, cfg)?.global_loss(cfg.reduction, false, group)
+    prepare(probas, labels, cfg)?.global_loss(cfg.reduction, false, labels.dtype(), group)
 }
 
 /// [`crate::lovasz_softmax_with_logits`] over the global batch of `group` (see
@@ -114,7 +114,7 @@ pub fn lovasz_softmax_with_logits(
     }
     ClassAxes::of(logits.dims(), cfg.channels_last, "lovasz_softmax", "logits")?;
     let logits = upcast(logits, "logits")?;
-    prepare(&logits, labels, cfg)?.global_loss(cfg.reduction, true, group)
+    prepare(&logits, labels, cfg)?.global_loss(cfg.reduction, true, labels.dtype(), group)
 }
 
 /// [`crate::lovasz_hinge`] over the global batch of `group` (see [`lovasz_softmax`]).
@@ -127,7 +127,7 @@ pub fn lovasz_hinge(
     if cfg.per_image {
         return crate::lovasz_hinge(logits, labels, cfg);
     }
-    prepare_hinge(logits, labels, cfg)?.global_loss(cfg.reduction, false, group)
+    prepare_hinge(logits, labels, cfg)?.global_loss(cfg.reduction, false, labels.dtype(), group)
 }
 
 /// [`crate::lovasz_sigmoid`] over the global batch of `group` (see [`lovasz_softmax`]).
@@ -140,5 +140,5 @@ pub fn lovasz_sigmoid(
     if cfg.per_image {
         return crate::lovasz_sigmoid(probas, labels, cfg);
     }
-    prepare_sigmoid(probas, labels, cfg)?.global_loss(cfg.reduction, false, group)
+    prepare_sigmoid(probas, labels, cfg)?.global_loss(cfg.reduction, false, labels.dtype(), group)
 }

@@ -66,11 +66,13 @@ impl Prepared {
     /// The per-batch loss over the union of the batches of every rank of `group` (of
     /// `softmax(x)` over the class axis when `from_logits`): the value is the same on every
     /// rank, the gradient is this rank's slice of that loss's gradient. A scalar, or `[1]`
-    /// for `Reduction::None` (one group).
+    /// for `Reduction::None` (one group). `label_dtype`, the dtype of the caller's labels,
+    /// must be the same on every rank, as everything else about the call.
     pub fn global_loss(
         self,
         reduction: Reduction,
         from_logits: bool,
+        label_dtype: DType,
         group: &dyn ProcessGroup,
     ) -> Result<Tensor> {
         let call = Call {
@@ -82,11 +84,11 @@ impl Prepared {
         let (dev, dtype) = (self.x.device().clone(), self.x.dtype());
         let (a, loss) = match dtype {
             DType::F32 => {
-                let (a, loss) = self.solve_global::<f32>(call, group)?;
+                let (a, loss) = self.solve_global::<f32>(call, label_dtype, group)?;
                 (Tensor::from_vec(a, self.x.shape(), &dev)?, loss)
             }
             DType::F64 => {
-                let (a, loss) = self.solve_global::<f64>(call, group)?;
+                let (a, loss) = self.solve_global::<f64>(call, label_dtype, group)?;
                 (Tensor::from_vec(a, self.x.shape(), &dev)?, loss)
             }
             dt => bail!("lovasz: internal dtype {dt:?} (expected f32 or f64)"),
@@ -106,6 +108,7 @@ impl Prepared {
     fn solve_global<T: HostSort>(
         &self,
         call: Call,
+        label_dtype: DType,
         group: &dyn ProcessGroup,
     ) -> Result<(Vec<T>, f64)> {
         let Call {
@@ -116,7 +119,7 @@ impl Prepared {
         } = call;
         let labels = &self.labels[..];
         with_host_slice::<T, _>(&self.x, |d| {
-            let plan = plan_global::<T>(call, &self.selection, labels, group)?;
+            let plan = plan_global::<T>(call, &self.selection, labels, label_dtype, group)?;
             let probas;
             let data = if from_logits {
                 probas = softmax(d, dims, order);

@@ -299,6 +299,36 @@ fn ranks_that_disagree_or_leave_get_errors_not_hangs() -> Result<()> {
     for e in &errs {
         assert!(e.contains("differs") && e.contains("[2, 3, 16]"), "{e}");
     }
+    // Rank 1's labels are u8, rank 0's u32.
+    let groups = LocalGroup::new(2)?;
+    let errs: Vec<String> = std::thread::scope(|s| {
+        let threads: Vec<_> = groups
+            .into_iter()
+            .map(|g| {
+                let cfg = &cfg;
+                s.spawn(move || {
+                    let (x, labels) = problem(&[2, 3, 4, 4], &[2, 4, 4], 3, 1).unwrap();
+                    let dtype = [DType::U32, DType::U8][g.rank()];
+                    let labels = labels.to_dtype(dtype).unwrap();
+                    let p = candle_nn::ops::softmax(&x, 1).unwrap();
+                    distributed::lovasz_softmax(&p, &labels, cfg, &g)
+                        .unwrap_err()
+                        .to_string()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert!(
+        errs[0].contains("rank 1's labels are u8 and rank 0's u32"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].contains("rank 0's labels are u32 and rank 1's u8"),
+        "{}",
+        errs[1]
+    );
     // Rank 1 stops before the loss: rank 0 fails.
     let groups = LocalGroup::new(2)?;
     let errs: Vec<Option<String>> = std::thread::scope(|s| {

@@ -14,7 +14,7 @@
 //! it by a merge. The weights are bit for bit those of one process over the whole batch;
 //! the loss, summed per rank and then over the ranks, is the same on every rank.
 
-use candle::{bail, Result};
+use candle::{bail, DType, Result};
 
 use super::buffer::zeroed;
 use super::build_keys::build_keys;
@@ -29,12 +29,16 @@ use crate::process_group::{ProcessGroup, ReduceBuffer};
 
 /// What every rank's call must agree on, as numbers: dims, kind, output, layout, logits,
 /// float width, and the classes with their weights.
-fn header<T: Real>(call: &Call, sel: &Selection) -> Vec<u64> {
+fn header<T: Real>(call: &Call, sel: &Selection, label_dtype: DType) -> Vec<u64> {
     let (b, c, s) = call.dims;
     let mut h = vec![
         b as u64,
         c as u64,
         s as u64,
+        LABEL_DTYPES
+            .iter()
+            .position(|&d| d == label_dtype)
+            .unwrap_or(LABEL_DTYPES.len()) as u64,
         call.kind as u64,
         call.output as u64,
         call.order as u64,
@@ -50,6 +54,17 @@ fn header<T: Real>(call: &Call, sel: &Selection) -> Vec<u64> {
     h
 }
 
+/// The label dtypes, by their code in a header (any other: the list's length).
+const LABEL_DTYPES: [DType; 5] = [DType::U8, DType::U32, DType::I16, DType::I32, DType::I64];
+
+/// The name of a label dtype's code.
+fn label_dtype_name(code: u64) -> String {
+    match LABEL_DTYPES.get(code as usize) {
+        Some(d) => format!("{d:?}").to_lowercase(),
+        None => "not an integer".into(),
+    }
+}
+
 fn to_bytes(values: &[u64]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
@@ -61,19 +76,21 @@ fn from_bytes(bytes: &[u8]) -> Vec<u64> {
 }
 
 /// The plan of a per-batch `call` over the union of every rank's batch: the label counts
-/// of `labels` (this rank's, `[B, S]`) summed over the ranks of `group`. Fails on every
-/// rank when the ranks' calls differ (dims, loss, classes, dtype).
+/// of `labels` (this rank's, `[B, S]`, read from `label_dtype`) summed over the ranks of
+/// `group`. Fails on every rank when the ranks' calls differ (dims, loss, classes,
+/// dtypes).
 pub(crate) fn plan_global<T: Real>(
     call: Call,
     sel: &Selection,
     labels: &[u32],
+    label_dtype: DType,
     group: &dyn ProcessGroup,
 ) -> Result<Plan> {
     if call.per_image {
         bail!("lovasz distributed: a per-image loss needs no process group (internal error)")
     }
     let counts = Plan::count(&call, sel, labels)?;
-    let head = header::<T>(&call, sel);
+    let head = header::<T>(&call, sel, label_dtype);
     let mut mine = vec![head.len() as u64];
     mine.extend(&head);
     mine.extend(&counts.valid);
@@ -88,6 +105,14 @@ pub(crate) fn plan_global<T: Real>(
         let theirs = from_bytes(part);
         let n = theirs.first().copied().unwrap_or(0) as usize;
         if theirs.len() < 1 + n || theirs[1..1 + n] != head[..] {
+            let (a, b) = (theirs.get(4).copied(), head[3]);
+            if theirs.get(1..4) == Some(&head[..3]) && a != Some(b) {
+                bail!(
+                    "lovasz distributed: rank {q}'s labels are {} and rank {me}'s {}: the ranks must pass the same label dtype",
+                    label_dtype_name(a.unwrap_or(u64::MAX)),
+                    label_dtype_name(b)
+                )
+            }
             let dims = |h: &[u64]| h.get(..3).map(<[u64]>::to_vec);
             bail!(
                 "lovasz distributed: rank {q}'s loss call differs from rank {me}'s (dims [B, C, S] {:?} and {:?}; the loss, its classes, the layout and the dtype must agree too)",
