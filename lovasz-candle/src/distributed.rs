@@ -38,7 +38,8 @@
 //! Per-image losses (`per_image: true`) need no communication and none takes place: the
 //! functions return this rank's loss (the mean over its own images for
 //! `Reduction::Mean`), and with equal shards the average over the ranks is the mean over
-//! the global batch.
+//! the global batch. In a world of one rank, every function is the single-process loss
+//! (its kernel, on the device), without communication.
 //!
 //! # Devices
 //!
@@ -87,15 +88,16 @@ use crate::softmax::prepare;
 
 /// [`crate::lovasz_softmax`] over the global batch of `group`: this rank's `probas`
 /// (`[B, C, *spatial]`, or channels last) and `labels` (`[B, *spatial]`) are its shard.
-/// With `cfg.per_image`, the local loss, without communication. Every rank must call it
-/// with the same config and shapes; otherwise every rank gets an `Err`.
+/// With `cfg.per_image`, or in a world of one rank, the local loss, without
+/// communication. Every rank must call it with the same config and shapes; otherwise
+/// every rank gets an `Err`.
 pub fn lovasz_softmax(
     probas: &Tensor,
     labels: &Tensor,
     cfg: &LovaszSoftmaxConfig,
     group: &dyn ProcessGroup,
 ) -> Result<Tensor> {
-    if cfg.per_image {
+    if cfg.per_image || group.world_size() == 1 {
         return crate::lovasz_softmax(probas, labels, cfg);
     }
     prepare(probas, labels, cfg)?.global_loss(cfg.reduction, false, labels.dtype(), group)
@@ -109,7 +111,7 @@ pub fn lovasz_softmax_with_logits(
     cfg: &LovaszSoftmaxConfig,
     group: &dyn ProcessGroup,
 ) -> Result<Tensor> {
-    if cfg.per_image {
+    if cfg.per_image || group.world_size() == 1 {
         return crate::lovasz_softmax_with_logits(logits, labels, cfg);
     }
     ClassAxes::of(logits.dims(), cfg.channels_last, "lovasz_softmax", "logits")?;
@@ -124,7 +126,7 @@ pub fn lovasz_hinge(
     cfg: &LovaszHingeConfig,
     group: &dyn ProcessGroup,
 ) -> Result<Tensor> {
-    if cfg.per_image {
+    if cfg.per_image || group.world_size() == 1 {
         return crate::lovasz_hinge(logits, labels, cfg);
     }
     prepare_hinge(logits, labels, cfg)?.global_loss(cfg.reduction, false, labels.dtype(), group)
@@ -137,7 +139,7 @@ pub fn lovasz_sigmoid(
     cfg: &LovaszSigmoidConfig,
     group: &dyn ProcessGroup,
 ) -> Result<Tensor> {
-    if cfg.per_image {
+    if cfg.per_image || group.world_size() == 1 {
         return crate::lovasz_sigmoid(probas, labels, cfg);
     }
     prepare_sigmoid(probas, labels, cfg)?.global_loss(cfg.reduction, false, labels.dtype(), group)
