@@ -11,7 +11,8 @@
 # `--link` adds the cuBLAS, cuRAND and NVRTC wheels (candle links them) and a folder of
 # unversioned names for the linker, with a stub libcuda.so (SONAME libcuda.so.1, the
 # driver's) defining every driver function cudarc declares, and likewise a stub
-# libcudnn.so (SONAME libcudnn.so.9) for builds with `cudnn` (read from its sources in
+# libcudnn.so (SONAME libcudnn.so.9) for builds with `cudnn` and a stub libnccl.so
+# (SONAME libnccl.so.2) for builds with `nccl` (read from their sources in
 # cargo's registry: run `cargo fetch` first); the real driver replaces it at run time on
 # a GPU machine.
 # CUDA_WHEELS_DIR (default ~/.cache/cuda-wheels-13.0) holds it all, installed once.
@@ -58,4 +59,11 @@ cudnn_rs=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/cud
 grep -o 'pub unsafe fn cudnn[A-Za-z0-9_]*(' "$cudnn_rs" | sed 's/pub unsafe fn //; s/($//' | sort -u \
   | sed 's/.*/void &(void) {}/' > "$ld/libcudnn-stub.c"
 gcc -shared -fPIC -o "$ld/libcudnn.so" -Wl,-soname,libcudnn.so.9 "$ld/libcudnn-stub.c" >&2
+# And for NCCL (the `nccl` features link it): a stub with NCCL 2's SONAME, replaced at
+# run time by the real library (pip's nvidia-nccl-cu13).
+nccl_rs=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/nccl/sys/mod.rs 2>/dev/null | tail -1)
+[ -n "$nccl_rs" ] || { echo "echo 'cuda-toolkit.sh: cudarc sources missing (run cargo fetch)' >&2; false"; exit 1; }
+grep -o 'pub unsafe fn nccl[A-Za-z0-9_]*(' "$nccl_rs" | sed 's/pub unsafe fn //; s/($//' | sort -u \
+  | sed 's/.*/void &(void) {}/' > "$ld/libnccl-stub.c"
+gcc -shared -fPIC -o "$ld/libnccl.so" -Wl,-soname,libnccl.so.2 "$ld/libnccl-stub.c" >&2
 echo "export LIBRARY_PATH=\"$ld\${LIBRARY_PATH:+:\$LIBRARY_PATH}\""

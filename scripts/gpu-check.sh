@@ -3,19 +3,20 @@
 #
 #   bash scripts/gpu-check.sh build        # here, without a GPU: builds the CUDA test
 #                                          # binaries, the GPU bench and a release
-#                                          # unet-example (cuda,cudnn), packed into gpu-check/
+#                                          # unet-example (cudnn,nccl), packed into gpu-check/
 #   bash scripts/gpu-check.sh run [PARTS]  # on the GPU machine, from the repository root
 #
-# PARTS (default: all) is a comma-separated choice of `loss` (the CUDA tests, the
-# fixtures and the loss bench) and `unet` (the default `train --device cuda`, then the
-# step times against the PyTorch twin at the default configuration and at base width
-# 32, batch 32, with the peak device memory of each).
+# PARTS (default: all) is a comma-separated choice of `loss` (the CUDA tests, the NCCL
+# group's, the fixtures and the loss bench) and `unet` (the default `train --device
+# cuda`, a small run with `--backend nccl` against the same without, then the step times
+# against the PyTorch twin at the default configuration and at base width 32, batch 32,
+# with the peak device memory of each).
 #
 # `build` needs the toolkit of .ci/cuda-toolkit.sh (installed from PyPI on first use) and
 # the authors' lovasz_losses.py (REFERENCE=path, default ../shared/reference/), copied
 # into gpu-check/reference/ (an ignored folder: the file is not part of this project).
 # `run` needs the driver, python3 with torch (PYTHON, default /opt/torch/.venv/bin/python3)
-# and the NVIDIA wheels under its site-packages (cuBLAS, cuRAND, NVRTC, the runtime),
+# and the NVIDIA wheels under its site-packages (cuBLAS, cuRAND, NVRTC, the runtime, NCCL),
 # which the binaries load from there. It runs the CUDA tests (every loss, value and
 # gradient, against the CPU op), the reference fixtures on CUDA in f32 and f64, then forward + backward of the Lovász-Softmax at
 # 10x20x300x300 per batch and per image and at 8x21x512x512 per batch, ours and the
@@ -38,16 +39,22 @@ build() {
   local reference_bin
   reference_bin=$(printf '%s\n' "$log" | sed -n 's/.*Executable tests\/reference.rs (\(.*\))/\1/p' | tail -1)
   [ -n "$reference_bin" ] || { echo "gpu-check: no reference test binary was built" >&2; exit 1; }
+  log=$(cargo test -p lovasz-candle --features nccl --test nccl --no-run 2>&1 | tee /dev/stderr)
+  local nccl_bin
+  nccl_bin=$(printf '%s\n' "$log" | sed -n 's/.*Executable tests\/nccl.rs (\(.*\))/\1/p' | tail -1)
+  [ -n "$nccl_bin" ] || { echo "gpu-check: no NCCL test binary was built" >&2; exit 1; }
   cargo build -p lovasz-candle --features cuda --example gpu_bench
-  # The U-Net example as users build it for CUDA: release, cuDNN.
-  cargo build --release -p unet-example --features cudnn --bin unet-example --example step_time
+  # The U-Net example as users build it for CUDA: release, cuDNN, with NCCL for
+  # `--backend nccl` (a world of one: the GPU machine has no MPI launcher).
+  cargo build --release -p unet-example --features cudnn,nccl --bin unet-example --example step_time
   # Stripped and xz-compressed (candle's kernels make each binary ~50 MiB, ~6 MiB packed).
   strip -o "$out/bin/cuda-tests" "$test_bin"
   strip -o "$out/bin/reference-tests" "$reference_bin"
+  strip -o "$out/bin/nccl-tests" "$nccl_bin"
   strip -o "$out/bin/gpu_bench" target/debug/examples/gpu_bench
   strip -o "$out/bin/unet-example" target/release/unet-example
   strip -o "$out/bin/step_time" target/release/examples/step_time
-  xz -f -6 "$out/bin/cuda-tests" "$out/bin/reference-tests" "$out/bin/gpu_bench" \
+  xz -f -6 "$out/bin/cuda-tests" "$out/bin/reference-tests" "$out/bin/nccl-tests" "$out/bin/gpu_bench" \
     "$out/bin/unet-example" "$out/bin/step_time"
   cp lovasz-candle/benches/gpu_reference.py unet-example/benches/unet_twin.py "$out/"
   cp "${REFERENCE:-../shared/reference/lovasz_losses.py}" "$out/reference/lovasz_losses.py"
@@ -84,6 +91,8 @@ loss_part() {
   local bin=$1 py=$2
   echo "== CUDA tests (lovasz-candle/tests/cuda.rs)"
   timeout 300 "$bin/cuda-tests" --test-threads=1
+  echo "== NcclGroup, a world of one (lovasz-candle/tests/nccl.rs)"
+  timeout 120 "$bin/nccl-tests" --test-threads=1
   echo "== the reference fixtures, on the CPU paths and on CUDA (tests/tests/reference.rs)"
   LOVASZ_FIXTURES=tests/fixtures timeout 120 "$bin/reference-tests" --test-threads=1
   echo "== fwd+bwd of the Lovasz-Softmax, ours vs the authors' PyTorch code, same GPU"
@@ -118,6 +127,23 @@ vals = [c["iou"] for c in t["classes"]]
 above = sum(1 for v in vals if v is not None and v > 0)
 print(f"test mIoU {100 * t['mean_iou']:.1f} %, classes above 0: {above} of {len(vals)}, device {s['device']}, train {s['train_seconds']:.0f} s")
 PY
+  echo "== train --backend nccl (a world of one) against train, on CUDA: the same losses"
+  local small=(train -q --device cuda --dataset shapes:32:16 --epochs 3 --finetune-epochs 1
+    --depth 3 --base-width 4 --batch-size 4 --norm group:2 --overwrite)
+  if timeout 120 "$bin/unet-example" "${small[@]}" -o "$tmp/plain" >/dev/null &&
+    timeout 120 "$bin/unet-example" "${small[@]}" --backend nccl -o "$tmp/nccl" >/dev/null; then
+    "$py" - "$tmp/plain" "$tmp/nccl" <<'PY' || unet_failed=1
+import csv, sys
+rows = [list(csv.DictReader(open(f"{d}/metrics.csv"))) for d in sys.argv[1:]]
+worst = max(abs(float(a[k]) - float(b[k])) / abs(float(a[k]))
+            for a, b in zip(*rows) for k in ("loss", "ce") if a[k])
+print(f"nccl vs plain: {len(rows[1])} epochs, largest relative loss difference {worst:.1e}")
+assert len(rows[0]) == len(rows[1]) == 3 and worst <= 1e-5
+PY
+  else
+    echo "gpu-check: a small CUDA run failed" >&2
+    unet_failed=1
+  fi
   echo "== step time, ours / PyTorch twin, same GPU, same batch (cuDNN on both)"
   local cfg width batch mode o t
   for cfg in "12:4" "32:32"; do
@@ -147,7 +173,7 @@ run() {
   local py=${PYTHON:-/opt/torch/.venv/bin/python3}
   local bin
   bin=$(mktemp -d)
-  for name in cuda-tests reference-tests gpu_bench unet-example step_time; do
+  for name in cuda-tests reference-tests nccl-tests gpu_bench unet-example step_time; do
     "$py" -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
       "$out/bin/$name.xz" "$bin/$name"
     chmod +x "$bin/$name"

@@ -11,7 +11,9 @@
 //! order of the sum.
 //!
 //! The ranks are a [`ProcessGroup`]: [`LocalGroup`] runs them as threads of one process;
-//! with the `mpi` feature, `MpiGroup` is one process of an MPI job (`mpirun -np N`).
+//! with the `mpi` feature, `MpiGroup` is one process of an MPI job (`mpirun -np N`); with
+//! the `nccl` feature, `NcclGroup` is one CUDA device of an NCCL job (bootstrapped through
+//! MPI with `mpi` too, or a world of one).
 //!
 //! # What is exchanged
 //!
@@ -84,6 +86,8 @@ use crate::input::{upcast, ClassAxes};
 #[cfg(feature = "mpi")]
 pub use crate::process_group::MpiGroup;
 pub use crate::process_group::{LocalGroup, ProcessGroup, ReduceBuffer};
+#[cfg(feature = "nccl")]
+pub use crate::process_group::{NcclGroup, NcclId};
 use crate::softmax::prepare;
 
 /// [`crate::lovasz_softmax`] over the global batch of `group`: this rank's `probas`

@@ -66,7 +66,9 @@
 //! tests: it adds `force_host_copy` and `force_device_emulation`, which send the losses
 //! down the Metal and CUDA paths on the CPU. `mpi` adds `distributed::MpiGroup`, a
 //! process group over an MPI job's processes for the [`distributed`] losses (it needs an
-//! MPI library, such as OpenMPI, and libclang to build).
+//! MPI library, such as OpenMPI, and libclang to build). `nccl` (with `cuda`) adds
+//! `distributed::NcclGroup`, a process group of CUDA devices over NCCL (cudarc loads
+//! `libnccl.so.2` at run time).
 //!
 //! # Memory
 //!

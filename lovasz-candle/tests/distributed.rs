@@ -36,23 +36,11 @@ fn value_and_grad(
 fn check(what: &str, x: &Tensor, labels: &Tensor, world: usize, loss: Loss) -> Result<()> {
     let (whole, whole_grad) = value_and_grad(x, |x| loss(x, labels, None))?;
     let b = x.dim(0)? / world;
-    let groups = LocalGroup::new(world)?;
-    let ranks: Vec<Result<(Vec<f64>, Vec<f64>)>> = std::thread::scope(|s| {
-        let threads: Vec<_> = groups
-            .into_iter()
-            .map(|g| {
-                let (x, labels) = (
-                    x.narrow(0, g.rank() * b, b),
-                    labels.narrow(0, g.rank() * b, b),
-                );
-                s.spawn(move || -> Result<_> {
-                    let (x, labels) = (x?.contiguous()?, labels?.contiguous()?);
-                    value_and_grad(&x, |x| loss(x, &labels, Some(&g)))
-                })
-            })
-            .collect();
-        threads.into_iter().map(|t| t.join().unwrap()).collect()
-    });
+    let ranks = on_ranks(world, |g| -> Result<_> {
+        let x = x.narrow(0, g.rank() * b, b)?.contiguous()?;
+        let labels = labels.narrow(0, g.rank() * b, b)?.contiguous()?;
+        value_and_grad(&x, |x| loss(x, &labels, Some(&g)))
+    })?;
     let per_rank = whole_grad.len() / world;
     for (r, out) in ranks.into_iter().enumerate() {
         let (value, grad) = out?;
@@ -270,6 +258,20 @@ fn per_image_losses_are_local_and_do_not_communicate() -> Result<()> {
     Ok(())
 }
 
+/// `f` on each of `world` ranks (threads of this process), the results in rank order.
+fn on_ranks<T: Send>(world: usize, f: impl Fn(LocalGroup) -> T + Sync) -> Result<Vec<T>> {
+    let groups = LocalGroup::new(world)?;
+    Ok(std::thread::scope(|s| {
+        let threads: Vec<_> = (groups.into_iter())
+            .map(|g| {
+                let f = &f;
+                s.spawn(move || f(g))
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    }))
+}
+
 #[test]
 fn ranks_that_disagree_or_leave_get_errors_not_hangs() -> Result<()> {
     let cfg = LovaszSoftmaxConfig {
@@ -277,79 +279,33 @@ fn ranks_that_disagree_or_leave_get_errors_not_hangs() -> Result<()> {
         ignore_index: Some(255),
         ..Default::default()
     };
+    // The loss of rank `r`'s batch of `c` classes, labels in `dtype`.
+    let loss = |g: &LocalGroup, c: usize, dtype: DType| {
+        let (x, labels) = problem(&[2, c, 4, 4], &[2, 4, 4], 3, 1).unwrap();
+        let p = candle_nn::ops::softmax(&x, 1).unwrap();
+        let labels = labels.to_dtype(dtype).unwrap();
+        distributed::lovasz_softmax(&p, &labels, &cfg, g).map_err(|e| e.to_string())
+    };
     // Rank 1 has 4 classes, rank 0 has 3.
-    let groups = LocalGroup::new(2)?;
-    let errs: Vec<String> = std::thread::scope(|s| {
-        let threads: Vec<_> = groups
-            .into_iter()
-            .map(|g| {
-                let cfg = &cfg;
-                s.spawn(move || {
-                    let c = 3 + g.rank();
-                    let (x, labels) = problem(&[2, c, 4, 4], &[2, 4, 4], 3, 1).unwrap();
-                    let p = candle_nn::ops::softmax(&x, 1).unwrap();
-                    distributed::lovasz_softmax(&p, &labels, cfg, &g)
-                        .unwrap_err()
-                        .to_string()
-                })
-            })
-            .collect();
-        threads.into_iter().map(|t| t.join().unwrap()).collect()
-    });
+    let errs = on_ranks(2, |g| loss(&g, 3 + g.rank(), DType::U32).unwrap_err())?;
     for e in &errs {
         assert!(e.contains("differs") && e.contains("[2, 3, 16]"), "{e}");
     }
     // Rank 1's labels are u8, rank 0's u32.
-    let groups = LocalGroup::new(2)?;
-    let errs: Vec<String> = std::thread::scope(|s| {
-        let threads: Vec<_> = groups
-            .into_iter()
-            .map(|g| {
-                let cfg = &cfg;
-                s.spawn(move || {
-                    let (x, labels) = problem(&[2, 3, 4, 4], &[2, 4, 4], 3, 1).unwrap();
-                    let dtype = [DType::U32, DType::U8][g.rank()];
-                    let labels = labels.to_dtype(dtype).unwrap();
-                    let p = candle_nn::ops::softmax(&x, 1).unwrap();
-                    distributed::lovasz_softmax(&p, &labels, cfg, &g)
-                        .unwrap_err()
-                        .to_string()
-                })
-            })
-            .collect();
-        threads.into_iter().map(|t| t.join().unwrap()).collect()
-    });
-    assert!(
-        errs[0].contains("rank 1's labels are u8 and rank 0's u32"),
-        "{}",
-        errs[0]
-    );
-    assert!(
-        errs[1].contains("rank 0's labels are u32 and rank 1's u8"),
-        "{}",
-        errs[1]
-    );
+    let errs = on_ranks(2, |g| {
+        loss(&g, 3, [DType::U32, DType::U8][g.rank()]).unwrap_err()
+    })?;
+    let want = [
+        "rank 1's labels are u8 and rank 0's u32",
+        "rank 0's labels are u32 and rank 1's u8",
+    ];
+    for (e, w) in errs.iter().zip(want) {
+        assert!(e.contains(w), "{e}");
+    }
     // Rank 1 stops before the loss: rank 0 fails.
-    let groups = LocalGroup::new(2)?;
-    let errs: Vec<Option<String>> = std::thread::scope(|s| {
-        let threads: Vec<_> = groups
-            .into_iter()
-            .map(|g| {
-                let cfg = &cfg;
-                s.spawn(move || {
-                    if g.rank() == 1 {
-                        return None;
-                    }
-                    let (x, labels) = problem(&[2, 3, 4, 4], &[2, 4, 4], 3, 1).unwrap();
-                    let p = candle_nn::ops::softmax(&x, 1).unwrap();
-                    distributed::lovasz_softmax(&p, &labels, cfg, &g)
-                        .err()
-                        .map(|e| e.to_string())
-                })
-            })
-            .collect();
-        threads.into_iter().map(|t| t.join().unwrap()).collect()
-    });
+    let errs = on_ranks(2, |g| {
+        (g.rank() == 0).then(|| loss(&g, 3, DType::U32).unwrap_err())
+    })?;
     let e = errs[0].as_deref().expect("rank 0 fails");
     assert!(e.contains("rank 1 left"), "{e}");
     Ok(())

@@ -352,3 +352,55 @@ fn a_killed_run_resumes_to_the_same_metrics() {
     };
     assert_eq!(test_miou("full"), test_miou("killed"));
 }
+
+#[test]
+fn data_parallel_options_that_cannot_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = ["train", "--dataset", "shapes:32:6", "--epochs", "1"];
+    let with = |extra: &[&str]| {
+        let args: Vec<&str> = small.iter().chain(extra).copied().collect();
+        unet(&args, tmp.path())
+    };
+    fails_with(
+        &with(&["--sync-bn"]),
+        "add --ranks N, or launch with mpirun",
+    );
+    fails_with(
+        &with(&["--sync-bn", "--ranks", "2", "--norm", "group"]),
+        "--sync-bn synchronises batch-norm statistics",
+    );
+    fails_with(
+        &with(&["--backend", "nccl", "--ranks", "2"]),
+        "not --ranks 2 threads",
+    );
+    if cfg!(feature = "nccl") {
+        fails_with(
+            &with(&["--backend", "nccl", "--device", "cpu"]),
+            "runs on CUDA devices",
+        );
+    } else {
+        fails_with(&with(&["--backend", "nccl"]), "--features nccl");
+    }
+    // As mpirun starts it.
+    let out = Command::new(env!("CARGO_BIN_EXE_unet-example"))
+        .args(small)
+        .current_dir(tmp.path())
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    if cfg!(not(feature = "mpi")) {
+        fails_with(&out, "built without MPI");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_unet-example"))
+        .args(small)
+        .args(["--ranks", "2"])
+        .current_dir(tmp.path())
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    fails_with(&out, "use one or the other");
+    assert!(
+        std::fs::read_dir(tmp.path()).unwrap().next().is_none(),
+        "a failed start wrote nothing"
+    );
+}

@@ -1,15 +1,20 @@
 //! A process group: the ranks of a data-parallel job and the collectives the distributed
 //! losses (and a training loop's gradient averaging) need. [`LocalGroup`] runs the ranks
 //! as threads of one process, `MpiGroup` (with the `mpi` feature) as the processes of
-//! an MPI job; other engines (NCCL) would implement the same trait.
+//! an MPI job, `NcclGroup` (with the `nccl` feature) as CUDA devices exchanging through
+//! NCCL.
 
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
 
 pub use local::LocalGroup;
 #[cfg(feature = "mpi")]
 pub use mpi::MpiGroup;
+#[cfg(feature = "nccl")]
+pub use nccl::{NcclGroup, NcclId};
 
 use candle::Result;
 

@@ -198,8 +198,22 @@ pub struct TrainArgs {
     /// rank's shard's.
     #[arg(long, conflicts_with = "resume")]
     pub sync_bn: bool,
+    /// The collectives of a data-parallel job of processes: mpi (host memory, under
+    /// mpirun; a build with --features mpi) or nccl (CUDA devices; a build with --features
+    /// nccl: under mpirun with --features mpi too, else a world of one).
+    #[arg(long, value_enum, default_value_t = Backend::Mpi)]
+    pub backend: Backend,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+/// The collectives of a data-parallel job of processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// MPI's, in host memory.
+    Mpi,
+    /// NCCL's, on CUDA devices (ranks bootstrapped through MPI).
+    Nccl,
 }
 
 /// `compare`.

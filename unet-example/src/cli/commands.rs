@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use candle::Device;
 use datasets::{Dataset, Split};
-use lovasz_candle::distributed::LocalGroup;
+use lovasz_candle::distributed::{LocalGroup, ProcessGroup};
 use tracing::info;
 
 use super::args::{
-    default_output, Cli, Command, CompareArgs, EvalArgs, PredictArgs, RuntimeArgs, TrainArgs,
+    default_output, Backend, Cli, Command, CompareArgs, EvalArgs, PredictArgs, RuntimeArgs,
+    TrainArgs,
 };
 use crate::atomic_file::write_json;
 use crate::data::{open_split, DataSpec};
@@ -49,6 +50,15 @@ fn train(args: TrainArgs) -> Result<()> {
             )));
         }
         return train_mpi(&args, world);
+    }
+    if args.backend == Backend::Nccl {
+        if args.ranks > 1 {
+            return Err(Error::Usage(format!(
+                "--backend nccl is for processes under mpirun (or a world of one), not --ranks {} threads",
+                args.ranks
+            )));
+        }
+        return train_nccl_alone(&args);
     }
     let device = args.runtime.device.open()?;
     if args.ranks > 1 {
@@ -205,7 +215,7 @@ fn mpi_world() -> Option<usize> {
 #[cfg(feature = "mpi")]
 fn train_mpi(args: &TrainArgs, world: usize) -> Result<()> {
     use crate::device::DeviceChoice;
-    use lovasz_candle::distributed::{MpiGroup, ProcessGroup};
+    use lovasz_candle::distributed::MpiGroup;
 
     let group = Arc::new(MpiGroup::init()?);
     if group.world_size() != world {
@@ -223,15 +233,22 @@ fn train_mpi(args: &TrainArgs, world: usize) -> Result<()> {
         other => other,
     };
     let (rank, lead) = (group.rank(), group.rank() == 0);
-    let parallel = DataParallel::new(group.clone());
     // An error here is every rank's: each returns it, and MPI is finalised.
-    agree_on_start(args, &parallel)?;
-    let t = choice
-        .open()
-        .and_then(|device| rank_trainer(args, &device, parallel));
+    agree_on_start(args, &DataParallel::new(group.clone()))?;
+    let t = choice.open().and_then(|device| {
+        let parallel = match args.backend {
+            Backend::Mpi => DataParallel::new(group.clone()),
+            Backend::Nccl => DataParallel::new(nccl_over_mpi(&group, &device)?),
+        };
+        rank_trainer(args, &device, parallel)
+    });
     let mut t = t.unwrap_or_else(|e| fail_alone(&group, rank, e));
     if lead {
-        info!("training data-parallel on {world} MPI ranks");
+        let backend = match args.backend {
+            Backend::Mpi => "MPI",
+            Backend::Nccl => "NCCL",
+        };
+        info!("training data-parallel on {world} ranks ({backend} collectives)");
     }
     let dir = t.output().map(Path::to_path_buf).unwrap_or_default();
     match t.run() {
@@ -239,6 +256,67 @@ fn train_mpi(args: &TrainArgs, world: usize) -> Result<()> {
         Ok(_) => {}
         Err(e) => fail_alone(&group, rank, e),
     }
+    Ok(())
+}
+
+/// `device` as the CUDA device an NCCL rank needs.
+#[cfg(feature = "nccl")]
+fn nccl_device(device: &Device) -> Result<&candle::CudaDevice> {
+    device.as_cuda_device().map_err(|_| {
+        Error::Usage(format!(
+            "--backend nccl runs on CUDA devices, and the device is {}: add --device cuda",
+            device_name(device)
+        ))
+    })
+}
+
+/// The error of `--backend nccl` in a build without NCCL.
+#[cfg(not(feature = "nccl"))]
+fn without_nccl() -> Error {
+    Error::Usage("--backend nccl: built without NCCL: rebuild with `--features nccl`".into())
+}
+
+/// A world of one rank over NCCL on `device`.
+fn nccl_alone(device: &Device) -> Result<Arc<dyn ProcessGroup>> {
+    #[cfg(feature = "nccl")]
+    return Ok(Arc::new(lovasz_candle::distributed::NcclGroup::single(
+        nccl_device(device)?,
+    )?));
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = device;
+        Err(without_nccl())
+    }
+}
+
+/// The ranks of `mpi` over NCCL, this rank on `device`.
+#[cfg(feature = "mpi")]
+fn nccl_over_mpi(
+    mpi: &lovasz_candle::distributed::MpiGroup,
+    device: &Device,
+) -> Result<Arc<dyn ProcessGroup>> {
+    #[cfg(feature = "nccl")]
+    return Ok(Arc::new(lovasz_candle::distributed::NcclGroup::from_mpi(
+        mpi,
+        nccl_device(device)?,
+    )?));
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = (mpi, device);
+        Err(without_nccl())
+    }
+}
+
+/// `train --backend nccl` without mpirun: a data-parallel job of one rank over NCCL (what
+/// a GPU machine without an MPI launcher can run).
+fn train_nccl_alone(args: &TrainArgs) -> Result<()> {
+    let device = args.runtime.device.open()?;
+    let parallel = DataParallel::new(nccl_alone(&device)?);
+    agree_on_start(args, &parallel)?;
+    info!("training data-parallel on 1 rank (NCCL collectives)");
+    let mut t = rank_trainer(args, &device, parallel)?;
+    let dir = t.output().map(Path::to_path_buf).unwrap_or_default();
+    report(t.run()?, &dir);
     Ok(())
 }
 
