@@ -22,7 +22,7 @@ fn a_world_of_one_gathers_reduces_and_broadcasts_its_own_bytes() -> Result<()> {
     assert_eq!(g.all_gather(&[1, 2, 3])?, [vec![1u8, 2, 3]]);
     assert_eq!(g.all_gather(&[])?, [Vec::<u8>::new()]);
     let big: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
-    assert_eq!(g.all_gather(&big)?, [big.clone()]);
+    assert_eq!(g.all_gather(&big)?, vec![big]);
 
     let mut v = [1.5f64, -2.25];
     g.all_reduce_sum(ReduceBuffer::F64(&mut v))?;

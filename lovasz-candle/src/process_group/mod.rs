@@ -17,6 +17,10 @@ pub use mpi::MpiGroup;
 pub use nccl::{NcclGroup, NcclId};
 
 use candle::Result;
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+use std::sync::{Mutex, MutexGuard};
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+use std::time::Duration;
 
 /// Values summed element-wise over the ranks by [`ProcessGroup::all_reduce_sum`].
 #[derive(Debug)]
@@ -67,6 +71,39 @@ pub trait ProcessGroup: Send + Sync {
 
     /// Root's `bytes` on every rank (the other ranks' input is replaced).
     fn broadcast(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()>;
+}
+
+/// `state` locked for `what`, unless the group `name` of `rank` is unusable: `failed`
+/// reads the reason from the state (a collective that timed out).
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+pub(crate) fn lock_usable<'a, T>(
+    state: &'a Mutex<T>,
+    failed: fn(&T) -> Option<&String>,
+    (name, rank, what): (&str, usize, &str),
+) -> Result<MutexGuard<'a, T>> {
+    let guard = match state.lock() {
+        Ok(g) => g,
+        Err(_) => candle::bail!("{name}: the group's state was poisoned by a panic"),
+    };
+    if let Some(why) = failed(&guard) {
+        candle::bail!("{name}: rank {rank} cannot run {what}: {why}")
+    }
+    Ok(guard)
+}
+
+/// The `Debug` form of a group over an engine: its name, rank, world size and timeout.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+pub(crate) fn fmt_group(
+    f: &mut std::fmt::Formatter<'_>,
+    name: &str,
+    (rank, world_size): (usize, usize),
+    timeout: Duration,
+) -> std::fmt::Result {
+    f.debug_struct(name)
+        .field("rank", &rank)
+        .field("world_size", &world_size)
+        .field("timeout", &timeout)
+        .finish_non_exhaustive()
 }
 
 /// Sums `parts` (one per rank, in rank order, each `values.len()` values of the variant's

@@ -13,7 +13,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use mpi::{Count, Rank, Threading};
 
-use super::{all_reduce_by_gather, ProcessGroup, ReduceBuffer};
+use super::{all_reduce_by_gather, fmt_group, lock_usable, ProcessGroup, ReduceBuffer};
 
 /// This process's rank of an MPI job: every process started by `mpirun -np N` holds one
 /// `MpiGroup` over `MPI_COMM_WORLD`. A program started without a launcher is a world of
@@ -79,6 +79,13 @@ struct Inner {
     failed: Option<String>,
 }
 
+impl Inner {
+    /// Why the group is unusable, if it is.
+    fn why_failed(&self) -> Option<&String> {
+        self.failed.as_ref()
+    }
+}
+
 // SAFETY: the communicator is a handle to MPI's world communicator, valid on every thread.
 // MPI is initialised with MPI_THREAD_SERIALIZED (`init` checks that it is provided) and
 // every MPI call goes through `inner`'s mutex (the communicator lives inside it), or is
@@ -89,11 +96,8 @@ unsafe impl Sync for MpiGroup {}
 
 impl std::fmt::Debug for MpiGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MpiGroup")
-            .field("rank", &self.rank)
-            .field("world_size", &self.world_size)
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
+        let who = (self.rank, self.world_size);
+        fmt_group(f, "MpiGroup", who, self.timeout)
     }
 }
 
@@ -154,14 +158,11 @@ impl MpiGroup {
 
     /// The communicator, unless an earlier collective timed out.
     fn lock(&self, what: &str) -> Result<MutexGuard<'_, Inner>> {
-        let inner = match self.inner.lock() {
-            Ok(g) => g,
-            Err(_) => bail!("MpiGroup: the group's state was poisoned by a panic"),
-        };
-        if let Some(failed) = &inner.failed {
-            bail!("MpiGroup: rank {} cannot run {what}: {failed}", self.rank)
-        }
-        Ok(inner)
+        lock_usable(
+            &self.inner,
+            Inner::why_failed,
+            ("MpiGroup", self.rank, what),
+        )
     }
 
     /// The error of a collective that timed out: `buffers` (what MPI reads and writes)

@@ -9,7 +9,7 @@ use candle::cuda_backend::cudarc::driver::{CudaStream, DriverError};
 use candle::cuda_backend::cudarc::nccl::safe::{Comm, Id};
 use candle::{bail, CudaDevice, Result};
 
-use super::{all_reduce_by_gather, ProcessGroup, ReduceBuffer};
+use super::{all_reduce_by_gather, fmt_group, lock_usable, ProcessGroup, ReduceBuffer};
 
 /// The id that names one NCCL job: one rank makes it ([`NcclId::new`]) and every other
 /// rank gets its 128 bytes ([`NcclId::to_bytes`], [`NcclId::from_bytes`]) over another
@@ -86,6 +86,13 @@ struct Inner {
     failed: Option<String>,
 }
 
+impl Inner {
+    /// Why the group is unusable, if it is.
+    fn why_failed(&self) -> Option<&String> {
+        self.failed.as_ref()
+    }
+}
+
 // SAFETY: the communicator is only used through `inner`'s mutex, so by one thread at a
 // time; NCCL communicators may be used from any thread, one call at a time, and the
 // stream is cudarc's thread-safe handle.
@@ -95,11 +102,8 @@ unsafe impl Sync for NcclGroup {}
 
 impl std::fmt::Debug for NcclGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NcclGroup")
-            .field("rank", &self.rank)
-            .field("world_size", &self.world_size)
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
+        let who = (self.rank, self.world_size);
+        fmt_group(f, "NcclGroup", who, self.timeout)
     }
 }
 
@@ -149,12 +153,13 @@ impl NcclGroup {
         let mut bytes = if mpi.rank() == 0 {
             match NcclId::new() {
                 Ok(id) => id.to_bytes(),
-                Err(e) => e
-                    .to_string()
-                    .chars()
-                    .take(120)
-                    .collect::<String>()
-                    .into_bytes(),
+                Err(e) => {
+                    let mut text: String = e.to_string().chars().take(100).collect();
+                    if text.len() == 128 {
+                        text.push('.');
+                    }
+                    text.into_bytes()
+                }
             }
         } else {
             Vec::new()
@@ -181,13 +186,11 @@ impl NcclGroup {
     }
 
     fn lock(&self, what: &str) -> Result<MutexGuard<'_, Inner>> {
-        let inner = match self.inner.lock() {
-            Ok(g) => g,
-            Err(_) => bail!("NcclGroup: the group's state was poisoned by a panic"),
-        };
-        if let Some(failed) = &inner.failed {
-            bail!("NcclGroup: rank {} cannot run {what}: {failed}", self.rank)
-        }
+        let inner = lock_usable(
+            &self.inner,
+            Inner::why_failed,
+            ("NcclGroup", self.rank, what),
+        )?;
         (self.stream.context().bind_to_thread()).map_err(|e| cuda_error(what, e))?;
         Ok(inner)
     }
