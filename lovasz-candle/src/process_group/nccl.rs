@@ -13,7 +13,7 @@ use super::{all_reduce_by_gather, fmt_group, lock_usable, ProcessGroup, ReduceBu
 
 /// The id that names one NCCL job: one rank makes it ([`NcclId::new`]) and every other
 /// rank gets its 128 bytes ([`NcclId::to_bytes`], [`NcclId::from_bytes`]) over another
-/// channel. [`NcclGroup::from_mpi`] does that over MPI.
+/// channel. `NcclGroup::from_mpi` (feature `mpi`) does that over MPI.
 #[derive(Clone, Copy)]
 pub struct NcclId(Id);
 
