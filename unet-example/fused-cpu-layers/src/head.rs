@@ -8,7 +8,7 @@ use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::im2col::{f32_slice, split_flat};
-use super::sums::{lane_dot, lane_sum};
+use super::sums::{lane_dot, lane_dots4, lane_sum};
 
 /// `x` `[C, B, H, W]`, `weight` `[K, C, 1, 1]`, `bias` `[K]` (f32, CPU) → `[B, K, H, W]`.
 pub(crate) fn head_cpu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle::Result<Tensor> {
@@ -117,15 +117,24 @@ impl CustomOp2 for HeadParamGrad {
         let g = f32_slice(sg, lg, "head backward")?;
         let x = f32_slice(sx, lx, "head backward")?;
         // Per class: Σ_{b,p} g·x for each channel and Σ g (lane sums, f64 totals).
+        // Four channels at a time share each load of the gradient.
+        let dots4 = lane_dots4();
         let rows: Vec<Vec<f64>> = (0..k)
             .into_par_iter()
             .map(|ki| {
                 let mut acc = vec![0f64; c + 1];
                 for bi in 0..b {
                     let gr = &g[(bi * k + ki) * p..][..p];
-                    for ci in 0..c {
-                        let xr = &x[(ci * b + bi) * p..][..p];
-                        acc[ci] += lane_dot(gr, xr);
+                    let xr = |ci: usize| &x[(ci * b + bi) * p..][..p];
+                    let quads = c / 4 * 4;
+                    for c0 in (0..quads).step_by(4) {
+                        let d = dots4(gr, [xr(c0), xr(c0 + 1), xr(c0 + 2), xr(c0 + 3)]);
+                        for (a, d) in acc[c0..][..4].iter_mut().zip(d) {
+                            *a += d;
+                        }
+                    }
+                    for (ci, a) in acc.iter_mut().enumerate().take(c).skip(quads) {
+                        *a += lane_dot(gr, xr(ci));
                     }
                     acc[c] += lane_sum(gr, |v| v);
                 }

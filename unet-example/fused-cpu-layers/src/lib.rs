@@ -38,6 +38,7 @@ mod gemm;
 mod head;
 mod im2col;
 mod pool;
+mod simd;
 mod sums;
 mod up;
 
@@ -155,6 +156,59 @@ mod tests {
 
     fn var(shape: (usize, usize, usize, usize), mean: f32) -> Var {
         Var::from_tensor(&Tensor::randn(mean, 1., shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// The bits of `f`'s output and of the gradients of `Σ out · r` (`r` fixed by the
+    /// output's size) with respect to `vars`.
+    fn bits_of(f: &dyn Fn() -> Tensor, vars: &[&Var]) -> Vec<Vec<u32>> {
+        let out = f();
+        let n = out.elem_count();
+        let r: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let r = Tensor::from_vec(r, out.shape(), &Device::Cpu).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        let grads = grads_of(&out, &r, vars);
+        std::iter::once(&out).chain(&grads).map(bits).collect()
+    }
+
+    /// An op's name, the op on fixed inputs, and the inputs to differentiate.
+    type Case<'a> = (&'a str, &'a dyn Fn() -> Tensor, Vec<&'a Var>);
+
+    #[test]
+    fn the_vectorised_loops_give_the_portable_loops_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if !simd::use_avx2() {
+            eprintln!("no AVX2 path in use on this CPU: both runs take the portable loops");
+        }
+        let vec_var = |n: usize, mean: f32| var((1, 1, 1, n), mean).as_tensor().flatten_all();
+        // Widths and channel counts that are not multiples of 4 or 8 among them.
+        for (b, c, o, h, w) in [(2, 5, 3, 3, 5), (1, 12, 15, 4, 12), (3, 8, 4, 7, 9)] {
+            let x = var((c, b, h, w), 0.0);
+            let (up_k, head_k) = (var((c, o, 2, 2), 0.0), var((o, c, 1, 1), 0.0));
+            let bias = Var::from_tensor(&vec_var(o, 0.0).unwrap()).unwrap();
+            let gamma = Var::from_tensor(&vec_var(c, 1.0).unwrap()).unwrap();
+            let beta = Var::from_tensor(&vec_var(c, 0.0).unwrap()).unwrap();
+            let x2 = var((c, b, 2 * h, 2 * w), 0.0);
+            let up = || conv_transpose2x2(&x, &up_k, &bias).unwrap();
+            let head = || head1x1(&x, &head_k, &bias).unwrap();
+            let bn = || batch_norm_relu(&x, &gamma, &beta, 1e-5).unwrap().0;
+            let pool = || max_pool2x2(&x2).unwrap();
+            let cases: [Case; 4] = [
+                ("conv_transpose2x2", &up, vec![&x, &up_k, &bias]),
+                ("head1x1", &head, vec![&x, &head_k, &bias]),
+                ("batch_norm_relu", &bn, vec![&x, &gamma, &beta]),
+                ("max_pool2x2", &pool, vec![&x2]),
+            ];
+            for (name, f, vars) in cases {
+                let fast = bits_of(f, &vars);
+                let portable = simd::tests::portable(|| bits_of(f, &vars));
+                assert!(fast == portable, "{name} at {:?}", (b, c, o, h, w));
+            }
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@ use candle::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::im2col::{f32_slice, split_flat};
-use super::sums::{lane_dot, lane_sum};
+use super::simd::vectorised;
+use super::sums::{lane_dots4, lane_sum};
 
 /// `x` `[C, B, H, W]`, `weight` `[C, O, 2, 2]`, `bias` `[O]` (f32, CPU) →
 /// `[O, B, 2H, 2W]`.
@@ -59,33 +60,35 @@ impl CustomOp3 for UpConv {
         let x = f32_slice(sx, lx, "conv_transpose2x2")?;
         let k = f32_slice(sw, lw, "conv_transpose2x2")?;
         let bias = f32_slice(sb, lb, "conv_transpose2x2")?;
-        let mut y = vec![0f32; o * b * 4 * h * w];
-        // One task per output plane (o, b).
-        y.par_chunks_mut((4 * h * w).max(1))
+        let hw = h * w;
+        let mut y = vec![0f32; o * b * 4 * hw];
+        // One task per output plane (o, b): the four planes `[di, dj]` of
+        // `bias + Σ_c w[c, o, di, dj] · x[c, b]` summed whole, then interleaved.
+        y.par_chunks_mut((4 * hw).max(1))
             .enumerate()
             .for_each(|(plane, y)| {
                 let (oc, bi) = (plane / b, plane % b);
-                let (mut t0, mut t1) = (vec![0f32; w], vec![0f32; w]);
-                for i in 0..h {
-                    for di in 0..2 {
-                        t0.fill(bias[oc]);
-                        t1.fill(bias[oc]);
-                        for ci in 0..c {
-                            let at = ((ci * o + oc) * 2 + di) * 2;
-                            let (w0, w1) = (k[at], k[at + 1]);
-                            let xr = &x[((ci * b + bi) * h + i) * w..][..w];
-                            for ((a, b), &v) in t0.iter_mut().zip(t1.iter_mut()).zip(xr) {
-                                *a += w0 * v;
-                                *b += w1 * v;
-                            }
-                        }
-                        let row = &mut y[(2 * i + di) * 2 * w..][..2 * w];
-                        for (pair, (&a, &b)) in row.chunks_exact_mut(2).zip(t0.iter().zip(&t1)) {
-                            pair[0] = a;
-                            pair[1] = b;
+                vectorised(|| {
+                    let mut acc = vec![bias[oc]; 4 * hw];
+                    for ci in 0..c {
+                        let xr = &x[(ci * b + bi) * hw..][..hw];
+                        let wt = &k[(ci * o + oc) * 4..][..4];
+                        for (a, &wv) in acc.chunks_exact_mut(hw.max(1)).zip(wt) {
+                            a.iter_mut().zip(xr).for_each(|(a, &v)| *a += wv * v);
                         }
                     }
-                }
+                    for i in 0..h {
+                        for di in 0..2 {
+                            let row = &mut y[(2 * i + di) * 2 * w..][..2 * w];
+                            let a0 = &acc[2 * di * hw + i * w..][..w];
+                            let a1 = &acc[(2 * di + 1) * hw + i * w..][..w];
+                            for (pair, (&u, &v)) in row.chunks_exact_mut(2).zip(a0.iter().zip(a1)) {
+                                pair[0] = u;
+                                pair[1] = v;
+                            }
+                        }
+                    }
+                })
             });
         Ok((CpuStorage::F32(y), Shape::from((o, b, 2 * h, 2 * w))))
     }
@@ -142,15 +145,17 @@ impl CustomOp3 for UpConvGrad {
         let x = f32_slice(sx, lx, "conv_transpose2x2 backward")?;
         let k = f32_slice(sw, lw, "conv_transpose2x2 backward")?;
         let hw = h * w;
-        // De-interleaved gradient: gd[o, b, i, di, dj, j] = g[o, b, 2i + di, 2j + dj].
+        // De-interleaved gradient: gd[o, b, di, dj, i, j] = g[o, b, 2i + di, 2j + dj].
         let mut gd = vec![0f32; g.len()];
         gd.par_chunks_mut((4 * hw).max(1))
             .zip(g.par_chunks((4 * hw).max(1)))
             .for_each(|(d, s)| {
-                for i in 0..h {
-                    for di in 0..2 {
+                let (d01, d23) = d.split_at_mut(2 * hw);
+                for (di, d) in [d01, d23].into_iter().enumerate() {
+                    let (d0, d1) = d.split_at_mut(hw);
+                    for i in 0..h {
                         let src = &s[(2 * i + di) * 2 * w..][..2 * w];
-                        let (d0, d1) = d[(i * 2 + di) * 2 * w..][..2 * w].split_at_mut(w);
+                        let (d0, d1) = (&mut d0[i * w..][..w], &mut d1[i * w..][..w]);
                         for (j, pair) in src.chunks_exact(2).enumerate() {
                             d0[j] = pair[0];
                             d1[j] = pair[1];
@@ -161,34 +166,36 @@ impl CustomOp3 for UpConvGrad {
         let nx = c * b * hw;
         let mut out = vec![0f32; nx + c * o * 4 + o];
         let (dx, params) = out.split_at_mut(nx);
-        // ∂L/∂x[c, b, i, :] = Σ_{o, di, dj} w[c, o, di, dj] · gd[o, b, i, di, dj, :].
+        // ∂L/∂x[c, b] = Σ_o Σ_{di, dj} w[c, o, di, dj] · gd[o, b, di, dj], whole planes.
         dx.par_chunks_mut(hw.max(1))
             .enumerate()
             .for_each(|(plane, dx)| {
                 let (ci, bi) = (plane / b, plane % b);
-                for i in 0..h {
-                    let row = &mut dx[i * w..][..w];
+                vectorised(|| {
                     for oc in 0..o {
-                        let gr = &gd[((oc * b + bi) * h + i) * 4 * w..][..4 * w];
-                        for (t, gq) in gr.chunks_exact(w).enumerate() {
-                            let wv = k[(ci * o + oc) * 4 + t];
-                            row.iter_mut().zip(gq).for_each(|(d, &v)| *d += wv * v);
+                        let gp = &gd[(oc * b + bi) * 4 * hw..][..4 * hw];
+                        let wt = &k[(ci * o + oc) * 4..][..4];
+                        for (gq, &wv) in gp.chunks_exact(hw.max(1)).zip(wt) {
+                            dx.iter_mut().zip(gq).for_each(|(d, &v)| *d += wv * v);
                         }
                     }
-                }
+                })
             });
-        // ∂L/∂w[c, o, t] = Σ_{b, i} gd[o, b, i, t, :] · x[c, b, i, :]; ∂L/∂bias[o] = Σ g[o].
+        // ∂L/∂w[c, o, t] = Σ_{b, i} (Σ_j gd[o, b, t, i, j] · x[c, b, i, j]), a lane dot
+        // per row; ∂L/∂bias[o] = Σ g[o].
+        let dots4 = lane_dots4();
         let per_out: Vec<(Vec<f64>, f64)> = (0..o)
             .into_par_iter()
             .map(|oc| {
                 let mut acc = vec![0f64; c * 4];
                 for bi in 0..b {
+                    let gp = &gd[(oc * b + bi) * 4 * hw..][..4 * hw];
                     for i in 0..h {
-                        let gr = &gd[((oc * b + bi) * h + i) * 4 * w..][..4 * w];
+                        let gq = [0, 1, 2, 3].map(|t| &gp[t * hw + i * w..][..w]);
                         for ci in 0..c {
                             let xr = &x[((ci * b + bi) * h + i) * w..][..w];
-                            for (t, gq) in gr.chunks_exact(w).enumerate() {
-                                acc[ci * 4 + t] += lane_dot(gq, xr);
+                            for (a, d) in acc[ci * 4..][..4].iter_mut().zip(dots4(xr, gq)) {
+                                *a += d;
                             }
                         }
                     }
