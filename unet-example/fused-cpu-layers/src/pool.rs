@@ -7,6 +7,7 @@ use candle::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::im2col::f32_slice;
+use super::simd::vectorised;
 
 /// Max pooling of `x` `[…, H, W]` f32 (even `H`, `W`) on the CPU → `[…, H/2, W/2]`.
 pub(crate) fn max_pool2x2_cpu(x: &Tensor) -> candle::Result<Tensor> {
@@ -28,18 +29,26 @@ fn planes(l: &Layout) -> candle::Result<(usize, usize, usize)> {
     Ok((l.shape().elem_count() / (h * w), h, w))
 }
 
-/// The index within `x` of the first maximum of the window at output `(i, j)` of a
-/// plane `x` of width `w`.
-#[inline]
-fn argmax(x: &[f32], w: usize, i: usize, j: usize) -> usize {
-    let top = 2 * i * w + 2 * j;
-    let mut best = top;
-    for idx in [top + 1, top + w, top + w + 1] {
-        if x[idx] > x[best] {
-            best = idx;
-        }
-    }
-    best
+/// Which of a window's values `[top left, top right, bottom left, bottom right]` is its
+/// first maximum (row-major; a NaN is never taken over an earlier value), as four flags,
+/// and that maximum. Branch-free, so that a row of windows vectorises.
+#[inline(always)]
+fn first_max([a, b, c, d]: [f32; 4]) -> ([bool; 4], f32) {
+    let kb = b > a;
+    let m = if kb { b } else { a };
+    let kc = c > m;
+    let m = if kc { c } else { m };
+    let kd = d > m;
+    let m = if kd { d } else { m };
+    let is_c = kc & !kd;
+    let is_b = kb & !kc & !kd;
+    ([!(kb | kc | kd), is_b, is_c, kd], m)
+}
+
+/// The rows `2i` and `2i + 1` of a plane of width `w`, as pairs of columns.
+#[inline(always)]
+fn row_pairs(x: &[f32], w: usize, i: usize) -> (&[f32], &[f32]) {
+    (&x[2 * i * w..][..w], &x[(2 * i + 1) * w..][..w])
 }
 
 impl CustomOp1 for MaxPool {
@@ -55,11 +64,15 @@ impl CustomOp1 for MaxPool {
         y.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(h * w))
             .for_each(|(y, x)| {
-                for i in 0..oh {
-                    for j in 0..ow {
-                        y[i * ow + j] = x[argmax(x, w, i, j)];
+                vectorised(|| {
+                    for (i, y) in y.chunks_exact_mut(ow).enumerate() {
+                        let (r0, r1) = row_pairs(x, w, i);
+                        let pairs = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                        for (y, (t, b)) in y.iter_mut().zip(pairs) {
+                            *y = first_max([t[0], t[1], b[0], b[1]]).1;
+                        }
                     }
-                }
+                })
             });
         let mut dims = l.shape().dims().to_vec();
         let r = dims.len();
@@ -104,11 +117,19 @@ impl CustomOp2 for MaxPoolGrad {
         dx.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
             .for_each(|(dx, (x, g))| {
-                for i in 0..oh {
-                    for j in 0..ow {
-                        dx[argmax(x, w, i, j)] = g[i * ow + j];
+                vectorised(|| {
+                    for (i, g) in g.chunks_exact(ow).enumerate() {
+                        let (r0, r1) = row_pairs(x, w, i);
+                        let (d0, d1) = dx[2 * i * w..][..2 * w].split_at_mut(w);
+                        let pairs = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                        let out = d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2));
+                        for ((&g, (t, b)), (d0, d1)) in g.iter().zip(pairs).zip(out) {
+                            let (k, _) = first_max([t[0], t[1], b[0], b[1]]);
+                            let at = |k: bool| if k { g } else { 0.0 };
+                            (d0[0], d0[1], d1[0], d1[1]) = (at(k[0]), at(k[1]), at(k[2]), at(k[3]));
+                        }
                     }
-                }
+                })
             });
         Ok((CpuStorage::F32(dx), lx.shape().clone()))
     }

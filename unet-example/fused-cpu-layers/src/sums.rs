@@ -10,6 +10,8 @@
 const BLOCK: usize = 2048;
 
 /// `Σ_i f(x[i], y[i])` for each of the `K` outputs of `f`, `x` and `y` of one length.
+/// Inlined, so that a caller compiled for AVX2 ([`super::simd::vectorised`]) widens it.
+#[inline(always)]
 pub(crate) fn lane_sums<const K: usize>(
     x: &[f32],
     y: &[f32],
@@ -44,11 +46,13 @@ pub(crate) fn lane_sums<const K: usize>(
 }
 
 /// `Σ f(v)` over `x`.
+#[inline(always)]
 pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     lane_sums(x, x, |v, _| [f(v)])[0]
 }
 
 /// `Σ a[i]·b[i]`.
+#[inline(always)]
 pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f64 {
     lane_sums(a, b, |x, y| [x * y])[0]
 }
