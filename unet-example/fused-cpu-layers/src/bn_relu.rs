@@ -103,20 +103,23 @@ impl CustomOp3 for BnRelu {
             .zip(x.par_chunks(n))
             .enumerate()
             .map(|(ch, (y, x))| {
-                vectorised(|| {
-                    let mean = lane_sum(x, |v| v) / n as f64;
-                    let m32 = mean as f32;
-                    // Σ (x − m32)² − n (mean − m32)²: the variance about the f64 mean.
-                    let dm = mean - m32 as f64;
-                    let var =
-                        (lane_sum(x, |v| (v - m32) * (v - m32)) / n as f64 - dm * dm).max(0.0);
-                    let invstd = (1.0 / (var + eps).sqrt()) as f32;
-                    let (s, t) = affine(mean as f32, invstd, gamma[ch], beta[ch]);
-                    y.iter_mut()
-                        .zip(x)
-                        .for_each(|(y, &v)| *y = (v * s + t).max(0.0));
-                    (mean as f32, var as f32, invstd)
-                })
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let mean = lane_sum(x, |v| v) / n as f64;
+                        let m32 = mean as f32;
+                        // Σ (x − m32)² − n (mean − m32)²: the variance about the f64 mean.
+                        let dm = mean - m32 as f64;
+                        let var =
+                            (lane_sum(x, |v| (v - m32) * (v - m32)) / n as f64 - dm * dm).max(0.0);
+                        let invstd = (1.0 / (var + eps).sqrt()) as f32;
+                        let (s, t) = affine(mean as f32, invstd, gamma[ch], beta[ch]);
+                        y.iter_mut()
+                            .zip(x)
+                            .for_each(|(y, &v)| *y = (v * s + t).max(0.0));
+                        (mean as f32, var as f32, invstd)
+                    },
+                )
             })
             .collect();
         let mut stats = self
@@ -198,22 +201,25 @@ impl CustomOp2 for BnReluGrad {
             .zip(x.par_chunks(n).zip(g.par_chunks(n)))
             .enumerate()
             .map(|(ch, (dx, (x, g)))| {
-                vectorised(|| {
-                    let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
-                    let (s, t) = affine(mean, invstd, self.gamma[ch], self.beta[ch]);
-                    // The ReLU-masked gradient's sum and its sum against x − μ.
-                    let [dbeta, dg] = lane_sums(x, g, |v, dy| {
-                        let gy = if v * s + t > 0.0 { dy } else { 0.0 };
-                        [gy, gy * (v - mean)]
-                    });
-                    let dgamma = dg * invstd as f64;
-                    let (mb, mg) = ((dbeta / n as f64) as f32, (dgamma / n as f64) as f32);
-                    for ((dx, &v), &dy) in dx.iter_mut().zip(x).zip(g) {
-                        let gy = if v * s + t > 0.0 { dy } else { 0.0 };
-                        *dx = s * (gy - mb - (v - mean) * invstd * mg);
-                    }
-                    (dgamma as f32, dbeta as f32)
-                })
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
+                        let (s, t) = affine(mean, invstd, self.gamma[ch], self.beta[ch]);
+                        // The ReLU-masked gradient's sum and its sum against x − μ.
+                        let [dbeta, dg] = lane_sums(x, g, |v, dy| {
+                            let gy = if v * s + t > 0.0 { dy } else { 0.0 };
+                            [gy, gy * (v - mean)]
+                        });
+                        let dgamma = dg * invstd as f64;
+                        let (mb, mg) = ((dbeta / n as f64) as f32, (dgamma / n as f64) as f32);
+                        for ((dx, &v), &dy) in dx.iter_mut().zip(x).zip(g) {
+                            let gy = if v * s + t > 0.0 { dy } else { 0.0 };
+                            *dx = s * (gy - mb - (v - mean) * invstd * mg);
+                        }
+                        (dgamma as f32, dbeta as f32)
+                    },
+                )
             })
             .collect();
         let (dgamma, dbeta) = sums.split_at_mut(c);

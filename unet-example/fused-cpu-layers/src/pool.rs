@@ -64,15 +64,18 @@ impl CustomOp1 for MaxPool {
         y.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(h * w))
             .for_each(|(y, x)| {
-                vectorised(|| {
-                    for (i, y) in y.chunks_exact_mut(ow).enumerate() {
-                        let (r0, r1) = row_pairs(x, w, i);
-                        let pairs = r0.chunks_exact(2).zip(r1.chunks_exact(2));
-                        for (y, (t, b)) in y.iter_mut().zip(pairs) {
-                            *y = first_max([t[0], t[1], b[0], b[1]]).1;
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (i, y) in y.chunks_exact_mut(ow).enumerate() {
+                            let (r0, r1) = row_pairs(x, w, i);
+                            let pairs = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                            for (y, (t, b)) in y.iter_mut().zip(pairs) {
+                                *y = first_max([t[0], t[1], b[0], b[1]]).1;
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         let mut dims = l.shape().dims().to_vec();
         let r = dims.len();
@@ -117,19 +120,23 @@ impl CustomOp2 for MaxPoolGrad {
         dx.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
             .for_each(|(dx, (x, g))| {
-                vectorised(|| {
-                    for (i, g) in g.chunks_exact(ow).enumerate() {
-                        let (r0, r1) = row_pairs(x, w, i);
-                        let (d0, d1) = dx[2 * i * w..][..2 * w].split_at_mut(w);
-                        let pairs = r0.chunks_exact(2).zip(r1.chunks_exact(2));
-                        let out = d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2));
-                        for ((&g, (t, b)), (d0, d1)) in g.iter().zip(pairs).zip(out) {
-                            let (k, _) = first_max([t[0], t[1], b[0], b[1]]);
-                            let at = |k: bool| if k { g } else { 0.0 };
-                            (d0[0], d0[1], d1[0], d1[1]) = (at(k[0]), at(k[1]), at(k[2]), at(k[3]));
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (i, g) in g.chunks_exact(ow).enumerate() {
+                            let (r0, r1) = row_pairs(x, w, i);
+                            let (d0, d1) = dx[2 * i * w..][..2 * w].split_at_mut(w);
+                            let pairs = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                            let out = d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2));
+                            for ((&g, (t, b)), (d0, d1)) in g.iter().zip(pairs).zip(out) {
+                                let (k, _) = first_max([t[0], t[1], b[0], b[1]]);
+                                let at = |k: bool| if k { g } else { 0.0 };
+                                (d0[0], d0[1], d1[0], d1[1]) =
+                                    (at(k[0]), at(k[1]), at(k[2]), at(k[3]));
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         Ok((CpuStorage::F32(dx), lx.shape().clone()))
     }

@@ -68,27 +68,32 @@ impl CustomOp3 for UpConv {
             .enumerate()
             .for_each(|(plane, y)| {
                 let (oc, bi) = (plane / b, plane % b);
-                vectorised(|| {
-                    let mut acc = vec![bias[oc]; 4 * hw];
-                    for ci in 0..c {
-                        let xr = &x[(ci * b + bi) * hw..][..hw];
-                        let wt = &k[(ci * o + oc) * 4..][..4];
-                        for (a, &wv) in acc.chunks_exact_mut(hw.max(1)).zip(wt) {
-                            a.iter_mut().zip(xr).for_each(|(a, &v)| *a += wv * v);
-                        }
-                    }
-                    for i in 0..h {
-                        for di in 0..2 {
-                            let row = &mut y[(2 * i + di) * 2 * w..][..2 * w];
-                            let a0 = &acc[2 * di * hw + i * w..][..w];
-                            let a1 = &acc[(2 * di + 1) * hw + i * w..][..w];
-                            for (pair, (&u, &v)) in row.chunks_exact_mut(2).zip(a0.iter().zip(a1)) {
-                                pair[0] = u;
-                                pair[1] = v;
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let mut acc = vec![bias[oc]; 4 * hw];
+                        for ci in 0..c {
+                            let xr = &x[(ci * b + bi) * hw..][..hw];
+                            let wt = &k[(ci * o + oc) * 4..][..4];
+                            for (a, &wv) in acc.chunks_exact_mut(hw.max(1)).zip(wt) {
+                                a.iter_mut().zip(xr).for_each(|(a, &v)| *a += wv * v);
                             }
                         }
-                    }
-                })
+                        for i in 0..h {
+                            for di in 0..2 {
+                                let row = &mut y[(2 * i + di) * 2 * w..][..2 * w];
+                                let a0 = &acc[2 * di * hw + i * w..][..w];
+                                let a1 = &acc[(2 * di + 1) * hw + i * w..][..w];
+                                for (pair, (&u, &v)) in
+                                    row.chunks_exact_mut(2).zip(a0.iter().zip(a1))
+                                {
+                                    pair[0] = u;
+                                    pair[1] = v;
+                                }
+                            }
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(y), Shape::from((o, b, 2 * h, 2 * w))))
     }
@@ -171,15 +176,18 @@ impl CustomOp3 for UpConvGrad {
             .enumerate()
             .for_each(|(plane, dx)| {
                 let (ci, bi) = (plane / b, plane % b);
-                vectorised(|| {
-                    for oc in 0..o {
-                        let gp = &gd[(oc * b + bi) * 4 * hw..][..4 * hw];
-                        let wt = &k[(ci * o + oc) * 4..][..4];
-                        for (gq, &wv) in gp.chunks_exact(hw.max(1)).zip(wt) {
-                            dx.iter_mut().zip(gq).for_each(|(d, &v)| *d += wv * v);
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for oc in 0..o {
+                            let gp = &gd[(oc * b + bi) * 4 * hw..][..4 * hw];
+                            let wt = &k[(ci * o + oc) * 4..][..4];
+                            for (gq, &wv) in gp.chunks_exact(hw.max(1)).zip(wt) {
+                                dx.iter_mut().zip(gq).for_each(|(d, &v)| *d += wv * v);
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         // ∂L/∂w[c, o, t] = Σ_{b, i} (Σ_j gd[o, b, t, i, j] · x[c, b, i, j]), a lane dot
         // per row; ∂L/∂bias[o] = Σ g[o].
