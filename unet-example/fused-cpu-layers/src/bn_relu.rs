@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::im2col::{f32_slice, split_flat};
 use super::simd::vectorised;
-use super::sums::{lane_sum, lane_sums};
+use super::sums::{lane_sum, pass_if, relu_grad_sums};
 
 /// The batch statistics of one forward pass, per channel: mean, biased variance (for
 /// the running averages) and `1 / √(σ² + ε)` as the forward pass used it (for the
@@ -207,14 +207,11 @@ impl CustomOp2 for BnReluGrad {
                         let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
                         let (s, t) = affine(mean, invstd, self.gamma[ch], self.beta[ch]);
                         // The ReLU-masked gradient's sum and its sum against x − μ.
-                        let [dbeta, dg] = lane_sums(x, g, |v, dy| {
-                            let gy = if v * s + t > 0.0 { dy } else { 0.0 };
-                            [gy, gy * (v - mean)]
-                        });
+                        let [dbeta, dg] = relu_grad_sums(x, g, (s, t, mean));
                         let dgamma = dg * invstd as f64;
                         let (mb, mg) = ((dbeta / n as f64) as f32, (dgamma / n as f64) as f32);
                         for ((dx, &v), &dy) in dx.iter_mut().zip(x).zip(g) {
-                            let gy = if v * s + t > 0.0 { dy } else { 0.0 };
+                            let gy = pass_if(v * s + t > 0.0, dy);
                             *dx = s * (gy - mb - (v - mean) * invstd * mg);
                         }
                         (dgamma as f32, dbeta as f32)

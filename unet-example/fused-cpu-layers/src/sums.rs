@@ -69,6 +69,32 @@ pub(crate) fn lane_dots4() -> fn(&[f32], [&[f32]; 4]) -> [f64; 4] {
     lane_dots4_portable
 }
 
+/// `v` where `open`, else `+0.0` (`if open { v } else { 0.0 }`, as a bit mask).
+#[inline(always)]
+pub(crate) fn pass_if(open: bool, v: f32) -> f32 {
+    f32::from_bits(v.to_bits() & (open as u32).wrapping_neg())
+}
+
+/// The sums of batch norm + ReLU's backward pass over one channel: with `gy = g` where
+/// `x·s + t > 0` (the ReLU was open), else 0, `[Σ gy, Σ gy·(x − mean)]`, bit for bit as
+/// [`lane_sums`] gives them, with AVX2 where it is in use (the compiler leaves the
+/// closure's select scalar and branchy).
+pub(crate) fn relu_grad_sums(x: &[f32], g: &[f32], (s, t, mean): (f32, f32, f32)) -> [f64; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::use_avx2() {
+        // SAFETY: AVX2 is available.
+        return unsafe { avx2::relu_grad_sums(x, g, (s, t, mean)) };
+    }
+    relu_grad_sums_portable(x, g, (s, t, mean))
+}
+
+fn relu_grad_sums_portable(x: &[f32], g: &[f32], (s, t, mean): (f32, f32, f32)) -> [f64; 2] {
+    lane_sums(x, g, |v, dy| {
+        let gy = pass_if(v * s + t > 0.0, dy);
+        [gy, gy * (v - mean)]
+    })
+}
+
 /// [`lane_dots4`] without vector intrinsics.
 fn lane_dots4_portable(shared: &[f32], rows: [&[f32]; 4]) -> [f64; 4] {
     rows.map(|r| lane_dot(r, shared))
@@ -79,6 +105,60 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::BLOCK;
+
+    /// A block's 8 lane sums added in f64 as [`super::lane_sums`] does: from −0.0,
+    /// lane 0 first.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_total(acc: __m256) -> f64 {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        lanes.iter().fold(-0.0, |s, &a| s + a as f64)
+    }
+
+    /// [`super::relu_grad_sums`] with AVX2.
+    ///
+    /// # Safety
+    /// AVX2 is available.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn relu_grad_sums(x: &[f32], g: &[f32], (s, t, mean): (f32, f32, f32)) -> [f64; 2] {
+        let n = x.len();
+        assert_eq!(g.len(), n, "relu_grad_sums: slices of one length");
+        let (xp, gp) = (x.as_ptr(), g.as_ptr());
+        let (sv, tv, mv, zero) = (
+            _mm256_set1_ps(s),
+            _mm256_set1_ps(t),
+            _mm256_set1_ps(mean),
+            _mm256_setzero_ps(),
+        );
+        let mut total = [0f64; 2];
+        let mut start = 0;
+        while start < n {
+            let end = (start + BLOCK).min(n);
+            let full = start + (end - start) / 8 * 8;
+            let (mut a0, mut a1) = (zero, zero);
+            let mut i = start;
+            while i < full {
+                let v = _mm256_loadu_ps(xp.add(i));
+                let open =
+                    _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_add_ps(_mm256_mul_ps(v, sv), tv), zero);
+                let gy = _mm256_and_ps(open, _mm256_loadu_ps(gp.add(i)));
+                a0 = _mm256_add_ps(a0, gy);
+                a1 = _mm256_add_ps(a1, _mm256_mul_ps(gy, _mm256_sub_ps(v, mv)));
+                i += 8;
+            }
+            total[0] += block_total(a0);
+            total[1] += block_total(a1);
+            for i in full..end {
+                let (v, dy) = (*xp.add(i), *gp.add(i));
+                let gy = super::pass_if(v * s + t > 0.0, dy);
+                total[0] += gy as f64;
+                total[1] += (gy * (v - mean)) as f64;
+            }
+            start = end;
+        }
+        total
+    }
 
     /// [`super::lane_dots4`] with AVX2: the four dots' 8 lane sums in four registers,
     /// then each block's lanes transposed so that one f64 add per lane serves all four.
@@ -187,6 +267,30 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if !crate::simd::use_avx2() {
             eprintln!("lane_dots4: AVX2 is not in use here; only the portable path was checked");
+        }
+    }
+
+    #[test]
+    fn relu_grad_sums_are_lane_sums_bit_for_bit() {
+        let mut seed = 11u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1 << (seed % 7)) as f32
+        };
+        for n in [0, 1, 7, 8, 9, 61, 2047, 2048, 2049, 5000, 43008] {
+            let x: Vec<f32> = (0..n).map(|_| next()).collect();
+            let mut g: Vec<f32> = (0..n).map(|_| next()).collect();
+            if n > 3 {
+                // A NaN gradient where the ReLU is shut must not leak; −0.0 kept.
+                g[1] = f32::NAN;
+                g[2] = -0.0;
+            }
+            let params = (0.7, -0.1, 0.05);
+            let want = relu_grad_sums_portable(&x, &g, params).map(f64::to_bits);
+            let got = relu_grad_sums(&x, &g, params).map(f64::to_bits);
+            assert_eq!(got, want, "n {n}");
         }
     }
 }
