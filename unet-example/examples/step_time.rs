@@ -18,7 +18,7 @@
 
 use std::time::Instant;
 
-use candle::Tensor;
+use candle::{Device, Tensor};
 use datasets::{BrainSlices, Dataset, Split};
 use lovasz_candle::{
     cross_entropy, lovasz_softmax_with_logits, CrossEntropyConfig, LovaszSoftmaxConfig,
@@ -138,6 +138,22 @@ fn main() -> Res<()> {
     );
     let images = Tensor::from_vec(images, (b, 1, 112, 96), &dev)?;
     let masks = Tensor::from_vec(masks, (b, 112, 96), &dev)?;
+    let steps = opts.steps.max(1);
+    // As `train` runs its epochs: on a worker of the pool the layers use.
+    unet_example::device::on_compute_pool(|| {
+        time_modes(&opts, &dev, &images, &masks, steps).map_err(|e| e.to_string())
+    })?;
+    Ok(())
+}
+
+/// Times `steps` steps of each mode in `opts.modes` on the batch and prints them.
+fn time_modes(
+    opts: &Options,
+    dev: &Device,
+    images: &Tensor,
+    masks: &Tensor,
+    steps: usize,
+) -> Res<()> {
     let ce_cfg = CrossEntropyConfig {
         ignore_index: Some(255),
         ..Default::default()
@@ -146,18 +162,17 @@ fn main() -> Res<()> {
         ignore_index: Some(255),
         ..Default::default()
     };
-    let steps = opts.steps.max(1);
     for &with_lovasz in &opts.modes {
-        let model = UNet::new(&opts.model, 0, &dev, opts.layers)?;
+        let model = UNet::new(&opts.model, 0, dev, opts.layers)?;
         let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
         // Seconds in forward + loss, backward, optimiser, summed over the steps.
         let mut parts = [0f64; 3];
         let mut step = |parts: &mut [f64; 3]| -> Res<()> {
             let t0 = Instant::now();
-            let logits = model.forward_t(&images, true)?;
-            let mut loss = cross_entropy(&logits, &masks, &ce_cfg)?;
+            let logits = model.forward_t(images, true)?;
+            let mut loss = cross_entropy(&logits, masks, &ce_cfg)?;
             if with_lovasz {
-                loss = (loss + lovasz_softmax_with_logits(&logits, &masks, &lov_cfg)?)?;
+                loss = (loss + lovasz_softmax_with_logits(&logits, masks, &lov_cfg)?)?;
             }
             let t1 = Instant::now();
             let grads = loss.backward()?;
@@ -182,9 +197,10 @@ fn main() -> Res<()> {
             "CE only"
         };
         println!(
-            "{name:>20}: {ms:7.1} ms/step ({steps} steps, batch {b}, {} layers, {})",
+            "{name:>20}: {ms:7.1} ms/step ({steps} steps, batch {}, {} layers, {})",
+            opts.batch,
             model.layers(),
-            unet_example::device::device_name(&dev)
+            unet_example::device::device_name(dev)
         );
         if opts.split {
             let [f, b, o] = parts.map(|p| p * 1e3 / steps as f64);

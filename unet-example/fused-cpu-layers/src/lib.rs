@@ -1,8 +1,7 @@
 //! The U-Net example's fused CPU layers: f32 autograd ops for candle on the CPU, in a
 //! channel-first layout, `[C, B, H, W]`, where every 3×3 convolution is one matrix
 //! product over the whole batch (`[O, 9C] × [9C, B·H·W]`, or a direct AVX-512 / AVX2
-//! kernel) and
-//! batch norm reduces contiguous rows.
+//! kernel) and batch norm reduces contiguous rows.
 //!
 //! Each layer is a single autograd node with a hand-written backward pass: the 3×3
 //! convolution (direct kernel or im2col + GEMM forward; the kernel's gradient from what
@@ -12,6 +11,11 @@
 //! because on a 2-core CPU candle's own convolutions and batch-norm backward made a
 //! training step of the default U-Net 3–5× slower (measured: ~1 s per step with candle's
 //! ops, ~0.1 s with these).
+//!
+//! The loops of the layers other than the 3×3 convolution run compiled for AVX2 where
+//! the CPU has it; they give the same bits as their portable form (the same f32
+//! operations in the same order). `FUSED_CPU_LAYERS_ISA=none` turns off every vector
+//! path.
 //!
 //! Every function takes f32 tensors on the CPU and returns an error naming the op for
 //! any other device or dtype: on CUDA and Metal, use candle's own ops (the U-Net

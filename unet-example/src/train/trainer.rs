@@ -239,6 +239,15 @@ impl Trainer {
             ));
         }
         let target = epoch.min(self.run.train.epochs);
+        if self.parallel.is_none() {
+            // One process, one rank: the epochs on a worker of the pool the layers use.
+            return crate::device::on_compute_pool(|| self.epochs_until(target));
+        }
+        self.epochs_until(target)
+    }
+
+    /// [`Self::run_until`] after its checks, `target` capped by the run's epochs.
+    fn epochs_until(&mut self, target: usize) -> Result<Option<Outcome>> {
         while self.progress.epoch() < target {
             let done = self.progress.epochs_this_run();
             if self
