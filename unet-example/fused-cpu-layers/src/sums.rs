@@ -240,16 +240,20 @@ mod tests {
         assert!((q - dot).abs() < 1e-6 * dot.abs().max(1.0));
     }
 
-    #[test]
-    fn lane_dots4_are_lane_dots_bit_for_bit() {
-        let mut seed = 7u64;
-        let mut next = || {
+    /// Signed values of `k` magnitudes, below 2^(k − 2) in size, so that rounding shows,
+    /// from a 64-bit LCG started at `seed`.
+    fn values(mut seed: u64, k: u64) -> impl FnMut() -> f32 {
+        move || {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            // Signed values over several magnitudes, so that rounding shows.
-            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1 << (seed % 9)) as f32
-        };
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1u64 << (seed % k)) as f32
+        }
+    }
+
+    #[test]
+    fn lane_dots4_are_lane_dots_bit_for_bit() {
+        let mut next = values(7, 9);
         for n in [
             0, 1, 3, 7, 8, 9, 12, 24, 48, 61, 2047, 2048, 2049, 4100, 10752,
         ] {
@@ -272,13 +276,7 @@ mod tests {
 
     #[test]
     fn relu_grad_sums_are_lane_sums_bit_for_bit() {
-        let mut seed = 11u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1 << (seed % 7)) as f32
-        };
+        let mut next = values(11, 7);
         for n in [0, 1, 7, 8, 9, 61, 2047, 2048, 2049, 5000, 43008] {
             let x: Vec<f32> = (0..n).map(|_| next()).collect();
             let mut g: Vec<f32> = (0..n).map(|_| next()).collect();
