@@ -18,8 +18,11 @@ use rayon::prelude::*;
 
 use super::im2col::{copy, fill};
 
-/// Output channels per task and per register tile.
+/// Output channels per register tile.
 const OT: usize = 4;
+
+/// About how many bytes of weights one pass over a band of rows uses (a part of L2).
+const GROUP_BYTES: usize = 256 << 10;
 
 /// The vector instruction sets the direct kernels have a path for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,22 +142,35 @@ fn conv3x3_on(isa: Isa, x: &Padded, kernel: &[f32], o: usize) -> Option<Vec<f32>
     let mut out: Vec<f32> = Vec::with_capacity(o * n);
     let out_ptr = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let plane = hp * wp;
-    (0..(o / OT) * b).into_par_iter().for_each(|task| {
-        let (tile, bi) = (task / b, task % b);
-        let weights = &packed[tile * c * 9 * OT..][..c * 9 * OT];
-        let geometry = Geometry {
-            channel_stride: b * plane,
-            row_stride: wp,
-            out_stride: n,
-            channels: c,
-        };
-        for y in 0..h {
-            let x_row = &xp[bi * plane + y * wp..];
-            // SAFETY: each task writes the rows `(bi, y)` of its own OT output channels
-            // `tile·OT ..`, disjoint from every other task's; `isa.available()` holds.
-            unsafe {
-                let out_row = out_ptr.get().add((tile * OT * b + bi) * h * w + y * w);
-                row(isa, out_row, x_row, weights, geometry, w);
+    let geometry = Geometry {
+        channel_stride: b * plane,
+        row_stride: wp,
+        out_stride: n,
+        channels: c,
+    };
+    // One task per band of rows of one image, for every output channel: the band's
+    // input rows stay in cache while the output tiles pass over them, in groups whose
+    // weights fit in about 256 KiB. Enough bands for 4 tasks per thread.
+    let tiles = o / OT;
+    let group = (GROUP_BYTES / (c * 9 * OT * 4)).clamp(1, tiles);
+    let bands = (4 * rayon::current_num_threads()).div_ceil(b).clamp(1, h);
+    let band_rows = h.div_ceil(bands);
+    (0..b * bands).into_par_iter().for_each(|task| {
+        let (bi, band) = (task / bands, task % bands);
+        let rows = band * band_rows..((band + 1) * band_rows).min(h);
+        for first in (0..tiles).step_by(group) {
+            for y in rows.clone() {
+                let x_row = &xp[bi * plane + y * wp..];
+                for tile in first..(first + group).min(tiles) {
+                    let weights = &packed[tile * c * 9 * OT..][..c * 9 * OT];
+                    // SAFETY: each task writes the rows `y` of its band of image `bi`, of
+                    // every output channel, disjoint from every other task's;
+                    // `isa.available()` holds.
+                    unsafe {
+                        let out_row = out_ptr.get().add((tile * OT * b + bi) * h * w + y * w);
+                        row(isa, out_row, x_row, weights, geometry, w);
+                    }
+                }
             }
         }
     });
