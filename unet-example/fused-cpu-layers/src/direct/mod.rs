@@ -1,8 +1,9 @@
 //! A direct 3×3 convolution (stride 1, zero padding 1) on `[C, B, H, W]` f32 slices
-//! with AVX-512 or AVX2 + FMA, without the 9× larger im2col buffer: each task computes 4
-//! output channels of one image, row by row, in register tiles of 4 channels × 3 vectors
-//! (48 pixels with AVX-512, 24 with AVX2; narrower tiles and a masked tail for the rest
-//! of a row), summing over input channels and taps with the tile held in registers.
+//! with AVX-512 or AVX2 + FMA, without the 9× larger im2col buffer: each task computes a
+//! band of rows of one image for every output channel, in register tiles of 4 channels ×
+//! 3 vectors (48 pixels with AVX-512, 24 with AVX2; narrower tiles and a masked tail for
+//! the rest of a row), summing over input channels and taps with the tile held in
+//! registers. Each output value's sum runs in the same order whatever the split.
 //!
 //! The input is first copied into a zero-padded `[C, B, H + 2, W + 2]` buffer so that
 //! every tap is a plain (unaligned) vector load; the kernel is repacked so that the 4
