@@ -109,7 +109,8 @@ pub fn limit_elementwise_threads() {
     }
 }
 
-/// Runs `f` on a worker thread of rayon's global pool and returns its result.
+/// Runs `f` on a worker thread of rayon's global pool and returns its result. For CPU
+/// work: a GPU's work stays on the thread that owns its context.
 ///
 /// The fused CPU layers and the Lovász kernel split each op over that pool. Called from
 /// a thread outside it, every split hands its tasks to the workers and puts the caller
