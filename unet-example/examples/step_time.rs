@@ -138,25 +138,16 @@ fn main() -> Res<()> {
     );
     let images = Tensor::from_vec(images, (b, 1, 112, 96), &dev)?;
     let masks = Tensor::from_vec(masks, (b, 112, 96), &dev)?;
-    let steps = opts.steps.max(1);
-    // As `train` runs its epochs on the CPU: on a worker of the pool the layers use.
-    if dev.is_cpu() {
-        unet_example::device::on_compute_pool(|| {
-            time_modes(&opts, &dev, &images, &masks, steps).map_err(|e| e.to_string())
-        })?;
-        return Ok(());
-    }
-    time_modes(&opts, &dev, &images, &masks, steps)
+    // As `train` runs its epochs (on the CPU: on a worker of the pool the layers use).
+    unet_example::device::on_compute_pool(&dev, || {
+        time_modes(&opts, &dev, &images, &masks).map_err(|e| e.to_string())
+    })?;
+    Ok(())
 }
 
-/// Times `steps` steps of each mode in `opts.modes` on the batch and prints them.
-fn time_modes(
-    opts: &Options,
-    dev: &Device,
-    images: &Tensor,
-    masks: &Tensor,
-    steps: usize,
-) -> Res<()> {
+/// Times `opts.steps` steps of each mode in `opts.modes` on the batch and prints them.
+fn time_modes(opts: &Options, dev: &Device, images: &Tensor, masks: &Tensor) -> Res<()> {
+    let steps = opts.steps.max(1);
     let ce_cfg = CrossEntropyConfig {
         ignore_index: Some(255),
         ..Default::default()

@@ -109,8 +109,8 @@ pub fn limit_elementwise_threads() {
     }
 }
 
-/// Runs `f` on a worker thread of rayon's global pool and returns its result. For CPU
-/// work: a GPU's work stays on the thread that owns its context.
+/// Runs `f` for work on `device`: on the CPU, on a worker thread of rayon's global pool;
+/// on a GPU, on the calling thread (the one that owns its context). Returns `f`'s result.
 ///
 /// The fused CPU layers and the Lovász kernel split each op over that pool. Called from
 /// a thread outside it, every split hands its tasks to the workers and puts the caller
@@ -119,10 +119,15 @@ pub fn limit_elementwise_threads() {
 /// caller takes part in its own ops and only the other workers wait. A step of the
 /// default U-Net on 2 cores: ~6 % faster (`--example step_time`, 2026-12-05, AMD EPYC
 /// Zen 4). The results are the same bits. Pair it with [`keep_freed_memory`], which
-/// makes the worker allocate from the main arena. Do not run several jobs that wait on one another this way
-/// (e.g. the thread ranks of `--ranks N`): each holds a worker while it waits.
-pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+/// makes the worker allocate from the main arena. Do not run several jobs that wait on
+/// one another this way (e.g. the thread ranks of `--ranks N`): each holds a worker
+/// while it waits.
+pub fn on_compute_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() {
+        rayon::scope(|_| f())
+    } else {
+        f()
+    }
 }
 
 /// Tells glibc's allocator to keep the memory a training step frees for the next step,
@@ -189,7 +194,7 @@ mod tests {
     #[test]
     fn on_compute_pool_runs_on_a_worker_and_returns_its_result() {
         assert_eq!(rayon::current_thread_index(), None);
-        let (worker, sum) = on_compute_pool(|| {
+        let (worker, sum) = on_compute_pool(&Device::Cpu, || {
             use rayon::prelude::*;
             let sum: u64 = (0..1000u64).into_par_iter().sum();
             (rayon::current_thread_index(), sum)

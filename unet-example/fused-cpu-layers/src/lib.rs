@@ -188,14 +188,14 @@ mod tests {
         if !simd::use_avx2() {
             eprintln!("no AVX2 path in use on this CPU: both runs take the portable loops");
         }
-        let vec_var = |n: usize, mean: f32| var((1, 1, 1, n), mean).as_tensor().flatten_all();
+        let vec_var = |n: usize, mean: f32| {
+            Var::from_tensor(&Tensor::randn(mean, 1., n, &Device::Cpu).unwrap()).unwrap()
+        };
         // Widths and channel counts that are not multiples of 4 or 8 among them.
         for (b, c, o, h, w) in [(2, 5, 3, 3, 5), (1, 12, 15, 4, 12), (3, 8, 4, 7, 9)] {
             let x = var((c, b, h, w), 0.0);
             let (up_k, head_k) = (var((c, o, 2, 2), 0.0), var((o, c, 1, 1), 0.0));
-            let bias = Var::from_tensor(&vec_var(o, 0.0).unwrap()).unwrap();
-            let gamma = Var::from_tensor(&vec_var(c, 1.0).unwrap()).unwrap();
-            let beta = Var::from_tensor(&vec_var(c, 0.0).unwrap()).unwrap();
+            let (bias, gamma, beta) = (vec_var(o, 0.0), vec_var(c, 1.0), vec_var(c, 0.0));
             let x2 = var((c, b, 2 * h, 2 * w), 0.0);
             let up = || conv_transpose2x2(&x, &up_k, &bias).unwrap();
             let head = || head1x1(&x, &head_k, &bias).unwrap();

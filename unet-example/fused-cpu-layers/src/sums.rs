@@ -290,5 +290,9 @@ mod tests {
             let got = relu_grad_sums(&x, &g, params).map(f64::to_bits);
             assert_eq!(got, want, "n {n}");
         }
+        #[cfg(target_arch = "x86_64")]
+        if !crate::simd::use_avx2() {
+            eprintln!("relu_grad_sums: AVX2 is not in use here; only the portable path ran");
+        }
     }
 }

@@ -253,12 +253,8 @@ fn train_mpi(args: &TrainArgs, world: usize) -> Result<()> {
     let dir = t.output().map(Path::to_path_buf).unwrap_or_default();
     // This process is one rank: on the CPU, its epochs on a worker of the pool its
     // layers use, as a one-process run (its collectives block no other worker's work).
-    let outcome = if t.model().device().is_cpu() {
-        crate::device::on_compute_pool(|| t.run())
-    } else {
-        t.run()
-    };
-    match outcome {
+    let device = t.model().device().clone();
+    match crate::device::on_compute_pool(&device, || t.run()) {
         Ok(outcome) if lead => report(outcome, &dir),
         Ok(_) => {}
         Err(e) => fail_alone(&group, rank, e),

@@ -239,10 +239,11 @@ impl Trainer {
             ));
         }
         let target = epoch.min(self.run.train.epochs);
-        if self.parallel.is_none() && self.model.device().is_cpu() {
-            // One process, one rank, on the CPU: the epochs on a worker of the pool the
-            // layers use. (A GPU's work is queued from the thread that owns its context.)
-            return crate::device::on_compute_pool(|| self.epochs_until(target));
+        if self.parallel.is_none() {
+            // One process, one rank: on the CPU, the epochs on a worker of the pool the
+            // layers use.
+            let device = self.model.device().clone();
+            return crate::device::on_compute_pool(&device, || self.epochs_until(target));
         }
         self.epochs_until(target)
     }
