@@ -1,9 +1,10 @@
 //! Loops compiled for AVX2 where the CPU has it. The crate is built for baseline x86-64
 //! (SSE2) unless the user asks for more, so its element-wise loops use 4-lane vectors;
 //! [`vectorised`] runs a closure inside a function compiled with AVX2 enabled, where
-//! LLVM inlines the closure and widens its loops to 8 lanes. The results are bit for bit the same: the same f32
-//! operations in the same order per value, with no fused multiply-add (Rust never
-//! contracts `a * b + c`). `FUSED_CPU_LAYERS_ISA=none` turns it off.
+//! LLVM inlines the closure and widens its loops to 8 lanes. The results are bit for
+//! bit the same: the same f32 operations in the same order per value, with no fused
+//! multiply-add (Rust never contracts `a * b + c`). `FUSED_CPU_LAYERS_ISA=none` turns
+//! it off.
 
 /// Runs `f`, compiled for AVX2 where the CPU has it (and `FUSED_CPU_LAYERS_ISA` is not
 /// `none`). Mark the closure `#[inline(always)]`: a closure left out of line is compiled
